@@ -1,0 +1,77 @@
+"""
+kernels/ — hand-written Triton kernels, one concept a file.
+
+Every file is one lesson: the math in its docstring, the Triton kernel(s), a torch.autograd.Function, a
+plain-PyTorch twin with the same signature, and a public function that picks between them by asking
+`use_triton(...)` below. This module is the *one place* that makes that choice, so a reader can see the
+whole policy at once:
+
+    NANOFORGE_KERNELS=auto     (default) Triton when the tensors live on a CUDA GPU and Triton imports,
+                               the PyTorch twin everywhere else (CPU, MPS, no Triton installed).
+    NANOFORGE_KERNELS=torch    always the twin: the reference, and the escape hatch if a kernel misbehaves.
+    NANOFORGE_KERNELS=triton   always Triton; on CPU tensors this needs TRITON_INTERPRET=1 (how CI runs the
+                               kernels), otherwise it is an error rather than a silent fallback.
+    NANOFORGE_KERNELS=auto,attention=torch   per-kernel overrides after the default, comma separated.
+
+train.py / sft.py expose the same switch as the config key `kernels` (it calls set_backend()).
+"""
+import os
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except Exception:  # ImportError, or a broken install: the twins still work
+    HAS_TRITON = False
+
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "sophia")
+_CHOICES = ("auto", "triton", "torch")
+_backend = {}  # kernel name -> 'auto' | 'triton' | 'torch'
+
+
+def interpreting():
+    """True when Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def set_backend(spec):
+    """Parse 'auto' | 'triton' | 'torch', optionally followed by ',name=choice' overrides."""
+    parsed = {}
+    for i, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+        name, _, choice = part.rpartition("=")
+        if choice not in _CHOICES:
+            raise ValueError(f"kernels: '{choice}' is not one of {_CHOICES} (in '{spec}')")
+        if name == "":
+            if i != 0:
+                raise ValueError(f"kernels: the default choice must come first (in '{spec}')")
+            parsed.update({k: choice for k in KERNEL_NAMES})
+        elif name in KERNEL_NAMES:
+            parsed[name] = choice
+        else:
+            raise ValueError(f"kernels: unknown kernel '{name}', known: {KERNEL_NAMES}")
+    _backend.clear()
+    _backend.update({k: "auto" for k in KERNEL_NAMES})
+    _backend.update(parsed)
+
+
+def backend(name):
+    return _backend[name]
+
+
+def use_triton(name, *tensors):
+    """Decide, for one call of kernel `name` on `tensors`, whether the Triton kernel runs."""
+    choice = _backend[name]
+    if choice == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if choice == "auto":
+        return HAS_TRITON and on_cuda
+    # forced 'triton': refuse loudly rather than quietly run something else
+    if not HAS_TRITON:
+        raise RuntimeError(f"kernels: {name} forced to 'triton' but Triton is not installed")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(f"kernels: {name} forced to 'triton' on CPU tensors; set TRITON_INTERPRET=1 "
+                           f"to run the kernel in Triton's interpreter, or NANOFORGE_KERNELS=torch")
+    return True
+
+
+set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
