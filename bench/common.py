@@ -1,0 +1,91 @@
+"""
+What every benchmark in bench/ shares: timing on the GPU, the GPU's name and copy bandwidth, and writing a
+results file (markdown table + the raw rows as JSON) that names the GPU, the date and the commit.
+
+Timing uses CUDA events around many repetitions after a warm-up, and reports the median: one slow outlier
+(a clock ramp, an allocator hiccup) does not move it. The L2 cache is flushed between repetitions by
+writing a buffer larger than L2, so a memory-bound kernel is measured reading from HBM as it would in a
+training step, not from a warm cache.
+"""
+import datetime
+import json
+import os
+import subprocess
+
+import torch
+
+RESULTS_DIR = os.environ.get("BENCH_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+
+
+def commit():
+    """The commit measured: $NANOFORGE_COMMIT (set when the tree travels without .git), else git's HEAD."""
+    if os.environ.get("NANOFORGE_COMMIT"):
+        return os.environ["NANOFORGE_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], stderr=subprocess.DEVNULL,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).decode().strip()
+    except Exception:
+        return "unknown"
+
+
+def gpu_name():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+_flush_buffer = None
+
+
+def time_ms(fn, reps=50, warmup=10, flush_l2=True):
+    """Median milliseconds of fn() over `reps` runs, each timed with CUDA events."""
+    global _flush_buffer
+    if flush_l2 and _flush_buffer is None:
+        _flush_buffer = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")  # > any L2 (50-60 MB)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if flush_l2:
+            _flush_buffer.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes=2 * 1024**3):
+    """The GPU's achievable memory bandwidth: a device-to-device copy, counting bytes read + written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=20, warmup=5, flush_l2=False)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def write_results(name, header, rows, notes=""):
+    """Write bench/results/<name>.md (a table) and <name>.json (the rows), stamped with GPU, date, commit."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(),
+             "torch": torch.__version__}
+    try:
+        import triton
+        stamp["triton"] = triton.__version__
+    except Exception:
+        pass
+    lines = [f"# {name}", "", " · ".join(f"{k}: {v}" for k, v in stamp.items()), ""]
+    if notes:
+        lines += [notes, ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for r in rows:
+        lines.append("| " + " | ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in r) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+        json.dump({**stamp, "header": header, "rows": rows}, f, indent=1)
+    print(text)
+    return os.path.join(RESULTS_DIR, f"{name}.md")
