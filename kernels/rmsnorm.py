@@ -27,7 +27,9 @@ How the kernels are laid out, and why:
     each looping over rows pid, pid + G, pid + 2G, ... and keeping its own fp32 dw partial in registers.
     Each program writes one partial row of a (G, N) fp32 buffer; a tiny second kernel sums the G partials
     in a fixed order and casts to w's dtype. Same inputs, same G (it depends only on the GPU and the
-    shape) -> bitwise the same dw, every run.
+    shape) -> bitwise the same dw, every run. A persistent loop has one weakness: while a program reduces
+    its current rows, it has no loads in flight. So it is software-pipelined by hand: each iteration first
+    issues the loads of its *next* rows, then computes on the current ones.
   * Row offsets are computed in int64: row * stride overflows int32 beyond 2^31 elements.
   * Strides: the kernels take the stride between rows, so a view whose last dimension is contiguous (a
     slice of a bigger activation, a transposed batch that still flattens) is read in place. Anything else
@@ -90,6 +92,17 @@ if HAS_TRITON:
         tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_rows(X, DY, RSTD, rows, cols, col_ok, M, stride_xm, stride_dym):
+        # x and dy of a tile of rows (kept in their storage dtype until used), and the rows' rstd
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)  # row * stride can pass 2^31 on big tensors
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        return x, dy, rstd
+
+    @triton.jit
     def _rmsnorm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dym, stride_xm, stride_dxm,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # persistent: program pid handles row tiles pid, pid + G, pid + 2G, ... (G = number of programs)
@@ -99,20 +112,23 @@ if HAS_TRITON:
         col_ok = cols < N
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)  # loaded once, reused for every row
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # this program's share of dw, in registers
-        for start in range(pid * BLOCK_M, M, step):
-            rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            rows64 = rows.to(tl.int64)
-            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            x_hat = x * rstd[:, None]
-            g = dy * w[None, :]
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        x, dy, rstd = _load_rows(X, DY, RSTD, rows, cols, col_ok, M, stride_xm, stride_dym)
+        for _ in range(pid * BLOCK_M, M, step):
+            # software pipelining by hand: start loading this program's next tile now, so those bytes are in
+            # flight while this tile's reductions run (past the last row the loads are masked: no traffic)
+            x_next, dy_next, rstd_next = _load_rows(X, DY, RSTD, rows + step, cols, col_ok, M, stride_xm,
+                                                    stride_dym)
+            x_hat = x.to(tl.float32) * rstd[:, None]
+            dyf = dy.to(tl.float32)
+            g = dyf * w[None, :]
             c = tl.sum(g * x_hat, axis=1) / N  # mean(g * x_hat), one per row
             dx = (g - x_hat * c[:, None]) * rstd[:, None]
-            tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * x_hat  # masked rows/cols are 0 * 0: no contribution
+            mask = (rows < M)[:, None] & col_ok[None, :]
+            tl.store(DX + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty),
+                     mask=mask)
+            dw_acc += dyf * x_hat  # masked rows/cols are 0 * 0: no contribution
+            x, dy, rstd, rows = x_next, dy_next, rstd_next, rows + step
         # one fp32 partial row per program, summed over its rows in a fixed order
         tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
@@ -147,11 +163,11 @@ def _fwd_config(M, N):
 
 
 def _bwd_config(M, N, device_index):
-    """(BLOCK_M, BLOCK_N, num_warps, G): tiles of ~8K elements (a program keeps x, dy, w and its dw partial
-    in registers, so one big tile per loop step is how it keeps enough loads in flight), G = 2 programs per
-    SM, fewer when there are not that many row tiles."""
+    """(BLOCK_M, BLOCK_N, num_warps, G): tiles of ~4K elements and 8 warps as in the forward (a program
+    holds x, dy, the next tile's x and dy, w and its dw partial in registers: ~16 fp32 values of each per
+    thread, so two programs fit one SM), G = 2 programs per SM, fewer when there are not that many tiles."""
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 8192 // BLOCK_N))
+    BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 4096 // BLOCK_N))
     num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
     G = max(1, min(2 * _num_sms(device_index), triton.cdiv(M, BLOCK_M)))
     return BLOCK_M, BLOCK_N, num_warps, G

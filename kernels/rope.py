@@ -116,6 +116,17 @@ if HAS_TRITON:
                       Hkv, HALF, cos[None, :], sin[None, :], d, d_ok, BLOCK_HK)
 
 
+def _config(Hq, Hkv, D):
+    """(BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps): head tiles of up to ~2K elements per half, i.e. all 32
+    heads x 64 pairs in one step for the usual D = 128; 8 warps for such tiles (16 elements a thread)."""
+    BLOCK_D = triton.next_power_of_2(D // 2)
+    cap = max(1, 2048 // BLOCK_D)
+    BLOCK_HQ = min(triton.next_power_of_2(Hq), cap)
+    BLOCK_HK = min(triton.next_power_of_2(Hkv), cap)
+    num_warps = 8 if BLOCK_HQ * BLOCK_D >= 2048 else 4
+    return BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps
+
+
 def _launch(q, k, cos, sin, inverse):
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -123,15 +134,9 @@ def _launch(q, k, cos, sin, inverse):
     ko = torch.empty((B, T, Hkv, D), dtype=k.dtype, device=k.device)
     if B * T == 0:
         return qo, ko
-    HALF = D // 2
-    BLOCK_D = triton.next_power_of_2(HALF)
-    # head tiles of up to ~2K elements per half: 32 heads x 64 pairs in one step for the usual D = 128
-    cap = max(1, 2048 // BLOCK_D)
-    BLOCK_HQ = min(triton.next_power_of_2(Hq), cap)
-    BLOCK_HK = min(triton.next_power_of_2(Hkv), cap)
-    num_warps = 8 if BLOCK_HQ * BLOCK_D >= 2048 else 4
+    BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps = _config(Hq, Hkv, D)
     _rope_kernel[(B * T,)](
-        q, k, qo, ko, cos, sin, T, Hq, Hkv, HALF,
+        q, k, qo, ko, cos, sin, T, Hq, Hkv, D // 2,
         *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
         SIGN=-1.0 if inverse else 1.0, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_D=BLOCK_D,
         num_warps=num_warps)
