@@ -1,13 +1,527 @@
 """
-Causal grouped-query attention.
+Flash attention in Triton: causal or not, grouped-query (GQA), forward and backward.
 
-(Placeholder: the PyTorch twin only. The Triton flash-attention kernel arrives with the attention issue.)
+THE MATH. For one head, Q (T, D), K and V (T, D), softmax scale c (default 1/sqrt(D)):
+
+    S = c * Q K^T            (T, T) scores; causal: S_ij = -inf for j > i (a query sees itself and the past)
+    P = softmax(S) by row    P_ij = exp(S_ij - LSE_i),  LSE_i = log sum_j exp(S_ij)
+    O = P V                  (T, D)
+
+The naive code writes S and P to memory: T^2 numbers per head, 64 MiB of fp32 per head at T = 4096. Flash
+attention never does. It keeps a block of BLOCK_M query rows on chip and streams K and V past it in blocks of
+BLOCK_N keys (TILING), so memory traffic is O(T * D) and the (T, T) matrices only ever exist one tile at a time.
+
+ONLINE SOFTMAX. The catch is that softmax needs the whole row (its max and its sum) before any P_ij is known.
+Keep, for each row, the running max m and the running sum l of exp(S - m), and the unnormalised output acc:
+
+    for each key block j:   m_new = max(m, rowmax(S_j))
+                            alpha = exp(m - m_new)          (old terms were measured against the old max)
+                            P_j   = exp(S_j - m_new)
+                            l     = alpha * l + rowsum(P_j)
+                            acc   = alpha * acc + P_j V_j
+    at the end:             O = acc / l,   LSE = m + log(l)
+
+Subtracting the running max keeps every exp() <= 1 (no overflow); the rescale by alpha makes the result exact,
+not an approximation. We work in base 2: exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale
+(qk_scale = c * log2 e), so the inner loop does one multiply and an exp2, the GPU's native instruction.
+
+CAUSAL BLOCK SKIPPING. With query block [m0, m0 + BLOCK_M) and key block [n0, n0 + BLOCK_N):
+  - blocks with n0 > last query are entirely above the diagonal: never visited (half the work of causal);
+  - blocks with n0 + BLOCK_N <= m0 are entirely below: every score is visible, no mask is computed;
+  - only the few blocks that straddle the diagonal pay for the mask (and for the end of the sequence, T).
+The kernels below write each loop twice, an unmasked one (the bulk) and a masked one (diagonal and tail),
+chosen by a compile-time flag, so the hot loop carries no masking at all. Any T works: loads past T read
+zeros, masked scores are -inf, and rows past T are never stored.
+No NaN: every row's first visited block contains key 0 (or, on the diagonal, the row's own key), so the
+running max is finite before any fully masked tile could make exp(-inf - -inf).
+
+BACKWARD (recomputation). With dO = dL/dO, the chain rule through O = P V and the softmax gives
+
+    dV = P^T dO          dP = dO V^T          dS = P * (dP - Delta)          dQ = c dS K      dK = c dS^T Q
+    where Delta_i = sum_j P_ij dP_ij = sum_j P_ij (dO_i . V_j) = dO_i . O_i   ("rowsum(dO * O)")
+
+(the softmax Jacobian dP_ij/dS_ik = P_ij (delta_jk - P_ik) gives dS_ik = P_ik (dP_ik - sum_j P_ij dP_ij)).
+P is not stored: the backward recomputes it tile by tile from S and the saved LSE, P = exp(S - LSE), exact and
+with no max/sum pass. Delta (fp32, one number per row) comes from a small preprocessing kernel.
+Two kernels do the rest, each owning what it writes, so no atomics and a DETERMINISTIC result:
+  - dK/dV: a program holds one key block of one kv head and walks the query blocks (causal: from the diagonal
+    down); it accumulates dV += P^T dO and dK += dS^T Q in registers and stores once;
+  - dQ: a program holds one query block and walks the key blocks (causal: up to the diagonal).
+S and dP are recomputed in both: 7 matrix products per tile instead of the 5 of a version that adds dQ with
+atomics. That is the price of determinism.
+
+GQA. Hq query heads share Hkv key/value heads (G = Hq / Hkv): query head h reads kv head h // G, straight from
+the strided K and V, never from a repeated copy. The gradient of a shared K is the sum over its G query heads,
+dK_kv = sum_{h in group} dK_h; the dK/dV program of kv head kv loops over those G heads and sums in registers.
+
+LAYOUTS. q (B, Hq, T, D), k and v (B, Hkv, T, D) arrive as strided views (the model's .transpose(1, 2) of
+(B, T, H, D) tensors); the kernels take strides and copy nothing (unless the last dim is itself strided).
+The output is allocated (B, T, Hq, D) in memory and returned as its (B, Hq, T, D) view, so the model's
+.transpose(1, 2).reshape(B, T, C) afterwards is free. Supported: head dim 16/32/64/128, fp16 and bf16
+(fp32 too: exact fp32 products, slow, for tests and the interpreter). Under torch.compile the kernels are two
+opaque custom ops (nanoforge::flash_attn_fwd / _bwd) with fake implementations, wrapped in an
+autograd.Function that dynamo traces.
 """
+import math
+import os
+
+import torch
 import torch.nn.functional as F
 
-from kernels import use_triton
+from kernels import HAS_TRITON, backend, interpreting, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # no Triton (e.g. macOS): a stand-in lets this file import; only the twin below is ever called
+    from types import SimpleNamespace
+    triton = SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f))
+    tl = SimpleNamespace(constexpr=None)
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * LN2
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# ----------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, T, qk_scale, lo, hi,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [lo, hi). MASKED: also mask keys >= T and (causal) keys > query."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        else:
+            k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # scores in log2 units
+        if MASKED:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)         # rescale what was summed against the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        else:
+            v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # acc = alpha acc + P V
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "GROUP"])
+def _attn_fwd(Q, K, V, O, LSE,
+              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+              T, GROUP, qk_scale,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (query blocks, Hq, B). Causal rows near the end see the most keys: launch them first (reversed
+    # axis 0) so the long programs start early and the short ones fill the gaps at the end.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit offsets: B * H * T * D can pass 2^31
+    kv = h // GROUP                    # GQA: the kv head this query head reads
+    Q += b * sqb + h * sqh
+    K += b * skb + kv * skh
+    V += b * svb + kv * svh
+    O += b * sob + h * soh
+    LSE += (b * tl.num_programs(1) + h) * T
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # running unnormalised output
+    if CAUSAL:  # keys [0, start_m): below the diagonal for every row, no mask; then the diagonal block(s)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                                   0, start_m, BLOCK_N, False, CAUSAL, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                                   start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N, True, CAUSAL, PRECISION)
+    else:       # every key: whole blocks unmasked, then the partial block at the end of the sequence
+        t_full = (T // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                                   0, t_full, BLOCK_N, False, CAUSAL, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                                   t_full, T, BLOCK_N, True, CAUSAL, PRECISION)
+    acc = acc / l_i[:, None]
+    tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)  # natural log
+    tl.store(O + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["T"])
+def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, T,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta_i = sum_d dO_id * O_id in fp32, one number per query row (B, Hq, T)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < T
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * tl.num_programs(1) + h) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, hi,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's contribution to a key block's dK, dV from the query blocks [lo, hi).
+    Works with transposed tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q are plain products."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            rows = offs_m < T
+            q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
+        else:
+            q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :])
+            lse = tl.load(LSE + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)          # S^T / c   (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)  # P^T = exp(S - LSE), recomputed
+        if MASKED:
+            keep = rows[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        if MASKED:
+            do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
+        else:
+            do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :])
+            delta = tl.load(DELTA + offs_m)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)          # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])                               # dS^T = P^T * (dP^T - Delta)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)   # dK += dS^T Q   (times c later)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T", "GROUP"])
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+                   sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+                   T, GROUP, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (key blocks, Hkv, B). Causal: early keys are seen by the most queries; axis 0 in order launches
+    # those heaviest programs first.
+    start_n = tl.program_id(0) * BLOCK_N
+    kv = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Hq = tl.num_programs(1) * GROUP
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n[:, None] < T
+    k = tl.load(K + b * skb + kv * skh + offs_n[:, None] * skt + offs_d[None, :], mask=cols, other=0.0)
+    v = tl.load(V + b * svb + kv * svh + offs_n[:, None] * svt + offs_d[None, :], mask=cols, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    t_full = (T // BLOCK_M) * BLOCK_M  # query blocks below t_full lie wholly inside the sequence
+    for g in range(GROUP):  # GQA: sum the group's query heads into this kv head's dK, dV, in registers
+        h = kv * GROUP + g
+        Qh = Q + b * sqb + h * sqh
+        DOh = DO + b * sdob + h * sdoh
+        LSEh = LSE + (b * Hq + h) * T
+        DELTAh = DELTA + (b * Hq + h) * T
+        if CAUSAL:  # queries on the diagonal block (masked), every whole block below it (unmasked), the tail
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
+                                 start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M, True, CAUSAL, PRECISION)
+            lo = start_n + BLOCK_N
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
+                                 lo, t_full, BLOCK_M, False, CAUSAL, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
+                                 tl.maximum(lo, t_full), T, BLOCK_M, True, CAUSAL, PRECISION)
+        else:       # every query: whole blocks unmasked, then the partial block at the end
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
+                                 0, t_full, BLOCK_M, False, CAUSAL, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
+                                 t_full, T, BLOCK_M, True, CAUSAL, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + kv * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=cols)
+    tl.store(DV + b * sdvb + kv * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=cols)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, T, qk_scale, lo, hi,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """A query block's dQ from the key blocks [lo, hi): dQ += dS K, with P and dP recomputed per tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+            v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+        else:
+            k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :])
+            v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])  # lse arrives in log2 units
+        if MASKED:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["T", "GROUP"])
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
+                 T, GROUP, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest first, as in the forward
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kv = h // GROUP
+    K += b * skb + kv * skh
+    V += b * svb + kv * svh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < T
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None],
+                 other=0.0)
+    row0 = (b * tl.num_programs(1) + h) * T
+    lse = tl.load(LSE + row0 + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                       0, start_m, BLOCK_N, False, CAUSAL, PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                       start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N, True, CAUSAL, PRECISION)
+    else:
+        t_full = (T // BLOCK_N) * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                       0, t_full, BLOCK_N, False, CAUSAL, PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, T, qk_scale,
+                       t_full, T, BLOCK_N, True, CAUSAL, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=rows[:, None])
+
+
+# ------------------------------------------------------------------------------------------ block configs
+# A config is (BLOCK_M, BLOCK_N, num_warps, num_stages). Rules the kernels rely on: BLOCK_M % BLOCK_N == 0
+# in the forward and dQ kernels (the causal diagonal starts on a key-block boundary), BLOCK_N % BLOCK_M == 0
+# in the dK/dV kernel (the same, transposed). The interpreter gets small blocks, so small tests cover several
+# blocks, a partial last block and a diagonal split over two tiles.
+INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+FP32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # exact products: FMA
+
+
+def default_config(kind, head_dim, dtype):
+    """A good-on-H100 guess, used without autotuning (tests, NANOFORGE_ATTN_AUTOTUNE=0)."""
+    if interpreting():
+        return INTERPRETER_CONFIGS[kind]
+    if dtype == torch.float32:
+        return FP32_CONFIGS[kind]
+    small = head_dim <= 64
+    return {"fwd": (128, 64, 4, 3) if small else (128, 64, 8, 3),
+            "dkdv": (32, 128, 4, 3) if small else (64, 128, 8, 2),
+            "dq": (128, 32, 4, 3) if small else (128, 64, 8, 2)}[kind]
+
+
+# The autotuning search space (16-bit inputs on a GPU): tried once per (head dim, causal, dtype), ~15 compiles
+# per key, so the first call of a training run pays ~20 s.
+TUNE_CONFIGS = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 4)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+}
+
+
+def _smem_bytes(kind, config, head_dim, elt=2):
+    """Shared memory a config needs, roughly: the pipelined tiles times the stages plus what stays resident."""
+    bm, bn, _, stages = config
+    if kind == "fwd":   # Q resident, K and V tiles streamed
+        return elt * head_dim * (bm + 2 * bn * stages)
+    if kind == "dkdv":  # K, V resident, Q and dO tiles streamed
+        return elt * head_dim * (2 * bn + 2 * bm * stages)
+    return elt * head_dim * (2 * bm + 2 * bn * stages)  # dq: Q, dO resident, K and V streamed
+
+
+SMEM_LIMIT = 160 * 1024  # of the H100's 227 KiB per block: leave room for the compiler's own scratch
+AUTOTUNE = os.environ.get("NANOFORGE_ATTN_AUTOTUNE", "1") == "1"
+_tuned = {}  # (kind, head_dim, causal, dtype) -> best config, found once by timing the candidates
+
+
+def _pick_config(kind, launch, head_dim, causal, dtype):
+    """The config for this launch: fixed under the interpreter / fp32 / AUTOTUNE off, else the fastest of
+    TUNE_CONFIGS (pruned to what fits in shared memory), timed once on the real arguments and remembered.
+    launch(config) runs the kernel; every kernel here overwrites its outputs, so timing it repeatedly is safe."""
+    if interpreting() or dtype == torch.float32 or not AUTOTUNE:
+        return default_config(kind, head_dim, dtype)
+    key = (kind, head_dim, causal, dtype)
+    if key not in _tuned:
+        timings, error = {}, None
+        for config in TUNE_CONFIGS[kind]:
+            if _smem_bytes(kind, config, head_dim) > SMEM_LIMIT:
+                continue
+            try:
+                timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+            except Exception as e:  # a config the compiler rejects (out of shared memory / registers): skip
+                error = e
+        if not timings:
+            raise RuntimeError(f"attention: no {kind} config compiled for head dim {head_dim}") from error
+        _tuned[key] = min(timings, key=timings.get)
+    return _tuned[key]
+
+
+# -------------------------------------------------------------------------------------------- launchers
+def _check_inputs(q, k, v):
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"attention: q, k, v must be 4-D (B, H, T, D); got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    (B, Hq, T, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
+    if (B, T, D) != (Bk, Tk, Dk):
+        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in B, T and D "
+                         f"(the kernel is self-attention: query and key sequences have the same length)")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"attention: Hq={Hq} must be a multiple of Hkv={Hkv} (grouped-query attention)")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} not supported by the Triton kernel (supported: {HEAD_DIMS}); "
+                         f"use NANOFORGE_KERNELS=attention=torch")
+    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError("attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+
+
+def _unit_last(x):
+    """The kernels assume the last dim is contiguous (true of every transposed view); copy only if it is not."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bthd_empty(q):
+    """An uninitialised (B, Hq, T, D) tensor laid out as (B, T, Hq, D) in memory (not a view: no aliasing)."""
+    B, H, T, D = q.shape
+    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
+
+
+def _launch(kernel, grid_of, config, *args, **constexprs):
+    bm, bn, warps, stages = config
+    kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _forward(q, k, v, causal, scale):
+    """Returns O (B, Hq, T, D), a view of (B, T, Hq, D) memory, and LSE (B, Hq, T) fp32, natural log."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, Hq, T, D = q.shape
+    o = _bthd_empty(q)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    group = Hq // k.shape[1]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+    def launch(config):
+        _launch(_attn_fwd, lambda bm, bn: (triton.cdiv(T, bm), Hq, B), config,
+                q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                T, group, scale * LOG2E, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
+
+    launch(_pick_config("fwd", launch, D, causal, q.dtype))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, scale):
+    q, k, v, o, do = (_unit_last(x) for x in (q, k, v, o, do))
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta = torch.empty_like(lse)
+    block = 16 if interpreting() else 64
+    _bwd_delta[(triton.cdiv(T, block), Hq, B)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T,
+                                              HEAD_DIM=D, BLOCK_M=block)
+    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+
+    def launch_dkdv(config):
+        _launch(_attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(T, bn), Hkv, B), config,
+                q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
+                T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
+
+    def launch_dq(config):
+        _launch(_attn_bwd_dq, lambda bm, bn: (triton.cdiv(T, bm), Hq, B), config,
+                q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3],
+                T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
+
+    launch_dkdv(_pick_config("dkdv", launch_dkdv, D, causal, q.dtype))
+    launch_dq(_pick_config("dq", launch_dq, D, causal, q.dtype))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------- custom ops + autograd (torch.compile)
+# torch.compile must not trace into the launchers (Python-side autotuning, Triton's launch machinery), so each
+# direction is an opaque custom op; its fake implementation tells the compiler the output shapes and strides.
+@torch.library.custom_op("nanoforge::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale)
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, Hq, T, D = q.shape
+    return _bthd_empty(q), q.new_empty(B, Hq, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanoforge::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, scale)
+
+
+@flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse = flash_attn_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)  # O and LSE: all the backward needs to rebuild P
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention_triton(q, k, v, causal=True, scale=None):
+    """The Triton path, with its input checks (clear errors for what the kernel does not support)."""
+    _check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return FlashAttention.apply(q, k, v, bool(causal), scale)
+
+
+# ------------------------------------------------------------------------------------- twin and switch
 def attention_torch(q, k, v, causal=True, scale=None):
     """q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv. SDPA, no repeated K/V."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
@@ -15,6 +529,18 @@ def attention_torch(q, k, v, causal=True, scale=None):
 
 
 def attention(q, k, v, causal=True, scale=None):
+    """Causal (or full) grouped-query attention. Triton on CUDA; the twin elsewhere. In 'auto' mode a shape the
+    kernel does not cover (head dim outside HEAD_DIMS, query and key lengths that differ, as in KV-cache
+    decoding) goes to the twin; with NANOFORGE_KERNELS=attention=triton it is an error instead."""
     if use_triton("attention", q, k, v):
-        raise NotImplementedError("Triton attention not written yet")
+        if backend("attention") == "triton" or _kernel_covers(q, k, v):
+            return attention_triton(q, k, v, causal, scale)
     return attention_torch(q, k, v, causal, scale)
+
+
+def _kernel_covers(q, k, v):
+    try:
+        _check_inputs(q, k, v)
+        return True
+    except (ValueError, TypeError, RuntimeError):
+        return False

@@ -1,0 +1,32 @@
+# lille_130m (Nikityyy/lille, HF Nikity/lille-130m): 24 layers, d=640, 10 query heads sharing 2 KV heads (GQA),
+# head_dim 64, RoPE (theta 10000), RMSNorm (eps 1e-5), SwiGLU F=1792, tied embeddings, context 512.
+# Trained with Sophia: lr 1e-4, betas (0.9, 0.95), rho 0.05, weight decay 0.2, Hessian refreshed every 10 steps,
+# 16 x 512 x 2 = 16,384 tokens/step, warmup 2000 then cosine to 1e-5, 4.27B tokens (Lille's train.py).
+# Differences: Lille's own 32,768-token "Hastings" tokenizer is not public here, so we use gpt2 (+12.4M embedding
+# parameters: 138.4M instead of 127.2M); Lille used dropout 0.1 in pretraining, nanoforge has no dropout.
+out_dir = "out/lille_130m"
+data_dir = "data/fineweb_edu"
+n_layer = 24
+n_embd = 640
+n_head = 10
+n_kv_head = 2
+ffn_hidden = 1792
+rope_theta = 10000.0
+norm_eps = 1e-5
+tie_embeddings = True
+vocab_size = 50257
+block_size = 512
+batch_size = 16
+total_batch_tokens = 16384
+optimizer = "sophia"
+learning_rate = 1e-4
+min_lr = 1e-5
+beta1 = 0.9
+beta2 = 0.95
+sophia_rho = 0.05
+weight_decay = 0.2
+hess_interval = 10
+grad_clip = 1.0
+warmup_iters = 2000
+lr_schedule = "cosine"
+max_iters = 260620                  # 4.27B tokens / 16,384

@@ -1,0 +1,106 @@
+"""
+shards.py — the on-disk token format, shared by every script that writes or reads tokens.
+
+A shard is the llm.c / modded-nanogpt layout, so their tools read ours and ours read theirs:
+
+    header: 256 int32 = 1024 bytes
+        [0] magic 20240520
+        [1] version: 1 = tokens are uint16 (llm.c's own), 2 = tokens are uint32 (vocabularies over 65535)
+        [2] number of tokens
+        [3] tokenizer vocabulary size (0 = unknown: an llm.c file)     [4] end-of-text id (or 0)
+    body: the tokens, little-endian, nothing else.
+
+A dataset is a folder: {val,train}_000000.bin, train_000001.bin, ... (shard 0 is validation). Supervised
+fine-tuning adds a parallel `<same name>.mask.bin` of uint8, 1 where a token is trained on.
+Readers memory-map the body, so a 10-billion-token dataset costs no RAM until its pages are touched.
+"""
+import glob
+import os
+
+import numpy as np
+
+MAGIC = 20240520
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+DTYPES = {1: np.uint16, 2: np.uint32}
+
+
+class ShardError(ValueError):
+    pass
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_shard(path, tokens, vocab_size, eot=0, mask=None):
+    """Write tokens (any int array) as a shard, atomically (a temporary file, then rename)."""
+    dtype = token_dtype(vocab_size)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:5] = [MAGIC, 1 if dtype == np.uint16 else 2, tokens.size, vocab_size, eot]
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(dtype).tobytes())
+    os.replace(tmp, path)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=np.uint8)
+        if mask.shape != tokens.shape:
+            raise ShardError(f"{path}: mask has {mask.size} entries for {tokens.size} tokens")
+        with open(mask_path(path) + ".tmp", "wb") as f:
+            f.write(mask.tobytes())
+        os.replace(mask_path(path) + ".tmp", mask_path(path))
+
+
+def mask_path(path):
+    return path[:-len(".bin")] + ".mask.bin"
+
+
+def read_header(path):
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: no such shard")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic number {header[0]} (expected {MAGIC}): not a token shard")
+    if header[1] not in DTYPES:
+        raise ShardError(f"{path}: unsupported version {header[1]} (expected 1 = uint16 or 2 = uint32)")
+    dtype, n = DTYPES[int(header[1])], int(header[2])
+    expected = HEADER_BYTES + n * np.dtype(dtype).itemsize
+    if size != expected:
+        raise ShardError(f"{path}: truncated or padded: header promises {n} tokens ({expected} bytes), "
+                         f"file has {size} bytes")
+    return {"dtype": dtype, "n_tokens": n, "vocab_size": int(header[3]), "eot": int(header[4])}
+
+
+def open_shard(path, vocab_size=None, check_ids=True):
+    """Memory-map a shard's tokens (and mask, if present), validating the header and, once, the token ids."""
+    info = read_header(path)
+    tokens = np.memmap(path, dtype=info["dtype"], mode="r", offset=HEADER_BYTES, shape=(info["n_tokens"],))
+    if vocab_size is not None and check_ids and info["n_tokens"]:
+        # one pass in 64M-token chunks: cheap next to training on it, and it catches a shard made with another
+        # tokenizer before it silently indexes past the embedding table
+        top = max(int(tokens[i:i + 2**26].max()) for i in range(0, info["n_tokens"], 2**26))
+        if top >= vocab_size:
+            raise ShardError(f"{path}: token id {top} >= the model's vocabulary size {vocab_size} "
+                             f"(was it prepared with another tokenizer?)")
+    mask = None
+    if os.path.exists(mask_path(path)):
+        mask = np.memmap(mask_path(path), dtype=np.uint8, mode="r")
+        if mask.size != info["n_tokens"]:
+            raise ShardError(f"{mask_path(path)}: {mask.size} mask entries for {info['n_tokens']} tokens")
+    return tokens, mask, info
+
+
+def list_shards(data_dir, split):
+    if not os.path.isdir(data_dir):
+        raise ShardError(f"data folder not found: {data_dir} (run prepare_fineweb.py or prepare_sft.py first)")
+    paths = sorted(p for p in glob.glob(os.path.join(data_dir, f"{split}_*.bin")) if not p.endswith(".mask.bin"))
+    if not paths:
+        raise ShardError(f"{data_dir}: no {split}_*.bin shards")
+    return paths
