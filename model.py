@@ -326,6 +326,21 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def load_checkpoint(path, device="cpu"):
+    """A trained model from train.py/sft.py's output: a run folder (its ckpt.pt) or a .pt file.
+    Returns (model in eval mode, the run's config dict: tokenizer name, formats, ...)."""
+    import os
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no checkpoint at {file}")
+    ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    if "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{file} is not a nanoforge checkpoint (keys: {sorted(ckpt)[:6]})")
+    model = GPT(GPTConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["config"]
+
+
 # ---- python model.py config/X.py ------------------------------------------------------------------------------
 def describe(config):
     """Build the model on the meta device (shapes only, no memory) and report its size and cost."""

@@ -59,6 +59,7 @@ hyperparameters (lr, wd, β1, β2, ρ·bs, ε) is a tiny fp32 tensor sent every 
 data, never a recompile, and parameter groups with different lr/wd share the launch. Loads are vectorised when
 every address is 16-byte aligned (the usual case; DDP's gradient bucket views may not be, then a slower variant).
 """
+import array
 import math
 
 import torch
@@ -209,52 +210,75 @@ def hessian_ema_torch(hessians, grads, *, beta2):
 # ----------------------------------------------------------------------------------------------------------------
 # A bucket: the parameters of one (device, dtype), their flat state and the tables the kernels read
 # ----------------------------------------------------------------------------------------------------------------
-def _to_device(values, dtype, device):
-    """A short host list -> device tensor without stalling the host (pinned memory, asynchronous copy)."""
-    host = torch.tensor(values, dtype=dtype)
+def _to_device(host, device):
+    """A small host tensor -> device without stalling the host: pinned memory and an asynchronous copy (the
+    caching host allocator does not reuse the pinned block before the copy has run)."""
     if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)  # the pinned block is not reused before the copy
-    return host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.clone().to(device)
 
 
 class _Bucket:
+    """The parameters of one (device, dtype): their state in two flat fp32 buffers, and the kernels' tables."""
+
     def __init__(self, params, groups, state, tile):
         self.params, self.groups, self.tile, self.state = params, groups, tile, state
         self.device, self.dtype = params[0].device, params[0].dtype
-        numels = [p.numel() for p in params]
-        padded = [-(-n // 4) * 4 for n in numels]                      # keep every slice 16-byte aligned
+        self.numel_list = [p.numel() for p in params]
+        padded = [-(-n // 4) * 4 for n in self.numel_list]            # keep every slice 16-byte aligned
         offsets = [sum(padded[:i]) for i in range(len(padded))]
         self.exp_avg = torch.zeros(sum(padded), dtype=torch.float32, device=self.device)
         self.hessian = torch.zeros_like(self.exp_avg)
-        for p, off, n in zip(params, offsets, numels):
+        for p, off, n in zip(params, offsets, self.numel_list):
             old = state.get(p, {})
             m, h = self.exp_avg[off:off + n].view(p.shape), self.hessian[off:off + n].view(p.shape)
             for key, view in (("exp_avg", m), ("hessian", h)):
                 if key in old:  # keep what a checkpoint (or an earlier layout) held
                     view.copy_(old[key])
             state[p] = {"exp_avg": m, "hessian": h}
-        # tile tables: tile i covers elements [tile_start[i], tile_start[i] + tile) of parameter tile_tensor[i]
-        tiles = torch.tensor([-(-n // tile) for n in numels])
+        # tile i covers elements [tile_start[i], tile_start[i] + tile) of parameter tile_tensor[i]
+        tiles = torch.tensor([-(-n // tile) for n in self.numel_list])
         tile_tensor = torch.repeat_interleave(torch.arange(len(params)), tiles)
         first_tile = torch.cumsum(tiles, 0) - tiles
         tile_start = (torch.arange(len(tile_tensor)) - first_tile[tile_tensor]) * tile
         self.n_tiles = len(tile_tensor)
         self.tile_tensor = tile_tensor.to(torch.int32).to(self.device)
         self.tile_start = tile_start.to(torch.int64).to(self.device)
-        self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
+        self.numels = torch.tensor(self.numel_list, dtype=torch.int64, device=self.device)
         self.state_offsets = torch.tensor(offsets, dtype=torch.int64, device=self.device)
         self.tensor_group = torch.tensor(groups, dtype=torch.int32, device=self.device)
+        self.params_contiguous = all(p.is_contiguous() for p in params)
+        self.unclipped_tiles = torch.zeros(self.n_tiles, dtype=torch.int32, device=self.device)
         self.unclipped, self.stepped = None, 0  # the last step's count of unclipped coordinates, and of all
 
-    def launch(self, kernel, grads, hyper_rows, *extra):
-        addresses = []
+    def gradients(self):
+        """Every parameter's gradient, None where there is none (that parameter is skipped). Torch's .grad
+        setter already guarantees the shape and the device; the dtype it lets through with grad_dtype=None."""
+        grads = [p.grad for p in self.params]
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError("SophiaG does not support sparse gradients")
+            if g is not None and g.dtype is not self.dtype:
+                raise TypeError(f"SophiaG: a {g.dtype} gradient does not match its {self.dtype} parameter")
+        return grads
+
+    def launch(self, kernel, grads, hyper_rows, *buffers):
+        """One launch over every tile of the bucket; the per-step tables travel as two tiny async copies."""
+        addresses = array.array("q")
         for p, g in zip(self.params, grads):
-            addresses += [p.data_ptr(), 0 if g is None else g.data_ptr()]
+            if g is not None and not g.is_contiguous():
+                raise ValueError("SophiaG's Triton step needs contiguous gradients; use "
+                                 "NANOFORGE_KERNELS=auto,sophia=torch for this model")
+            addresses.append(p.data_ptr())
+            addresses.append(0 if g is None else g.data_ptr())
+        if not self.params_contiguous:
+            raise ValueError("SophiaG's Triton step needs contiguous parameters; make them contiguous or use "
+                             "NANOFORGE_KERNELS=auto,sophia=torch")
         aligned = all(a % 16 == 0 for a in addresses)
-        table = _to_device(addresses, torch.int64, self.device)
-        hyper = _to_device([x for row in hyper_rows for x in row], torch.float32, self.device)
+        table = _to_device(torch.frombuffer(addresses, dtype=torch.int64), self.device)
+        hyper = _to_device(torch.tensor(hyper_rows, dtype=torch.float32), self.device)
         kernel[(self.n_tiles,)](self.tile_tensor, self.tile_start, table, self.numels, self.state_offsets,
-                                self.tensor_group, hyper, *extra, DTYPE=_TL_DTYPE[self.dtype], ALIGNED=aligned,
+                                self.tensor_group, hyper, *buffers, DTYPE=_TL_DTYPE[self.dtype], ALIGNED=aligned,
                                 TILE=self.tile, num_warps=8 if self.tile >= 2048 else 4)
 
     def per_group(self, grads):
@@ -264,23 +288,6 @@ class _Bucket:
             if g is not None:
                 by_group.setdefault(gi, []).append((p, g, self.state[p]["exp_avg"], self.state[p]["hessian"]))
         return by_group.items()
-
-
-def _checked_grads(bucket, triton_path):
-    grads = []
-    for p in bucket.params:
-        g = p.grad
-        if g is not None:
-            if g.is_sparse:
-                raise RuntimeError("SophiaG does not support sparse gradients")
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise TypeError(f"SophiaG: gradient {g.dtype} {tuple(g.shape)} on {g.device} does not match its "
-                                f"parameter {p.dtype} {tuple(p.shape)} on {p.device}")
-            if triton_path and not (p.is_contiguous() and g.is_contiguous()):
-                raise ValueError("SophiaG's Triton step needs contiguous parameters and gradients; make the "
-                                 "parameter contiguous or use NANOFORGE_KERNELS=auto,sophia=torch")
-        grads.append(g)
-    return grads
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,11 +362,12 @@ class SophiaG(torch.optim.Optimizer):
                 loss = closure()
         rows = self._hyper_rows(bs)
         for bucket in self._layout():
-            triton_path = use_triton("sophia", bucket.exp_avg)
-            grads = _checked_grads(bucket, triton_path)
-            if triton_path:
-                bucket.unclipped = torch.empty(bucket.n_tiles, dtype=torch.int32, device=bucket.device)
-                bucket.launch(_sophia_step_kernel, grads, rows, bucket.exp_avg, bucket.hessian, bucket.unclipped)
+            grads = bucket.gradients()
+            self.last_backend = "triton" if use_triton("sophia", bucket.exp_avg) else "torch"
+            if self.last_backend == "triton":
+                bucket.launch(_sophia_step_kernel, grads, rows, bucket.exp_avg, bucket.hessian,
+                              bucket.unclipped_tiles)
+                bucket.unclipped = bucket.unclipped_tiles
             else:
                 bucket.unclipped = torch.zeros((), dtype=torch.int64, device=bucket.device)
                 for gi, items in bucket.per_group(grads):
@@ -367,8 +375,7 @@ class SophiaG(torch.optim.Optimizer):
                     p, g, m, h = (list(x) for x in zip(*items))
                     bucket.unclipped += sophia_step_torch(p, g, m, h, lr=lr, weight_decay=wd, beta1=beta1,
                                                           rho_bs=rho_bs, eps=eps)
-            bucket.stepped = sum(p.numel() for p, g in zip(bucket.params, grads) if g is not None)
-            self.last_backend = "triton" if triton_path else "torch"
+            bucket.stepped = sum(n for n, g in zip(bucket.numel_list, grads) if g is not None)
         return loss
 
     @torch.no_grad()
@@ -376,9 +383,8 @@ class SophiaG(torch.optim.Optimizer):
         """h ← β2·h + (1 − β2)·p.grad², for every parameter with a gradient (the estimator's ĝ, see the top)."""
         rows = self._hyper_rows(0.0)
         for bucket in self._layout():
-            triton_path = use_triton("sophia", bucket.exp_avg)
-            grads = _checked_grads(bucket, triton_path)
-            if triton_path:
+            grads = bucket.gradients()
+            if use_triton("sophia", bucket.exp_avg):
                 bucket.launch(_hessian_ema_kernel, grads, rows, bucket.hessian)
             else:
                 for gi, items in bucket.per_group(grads):
