@@ -158,7 +158,7 @@ def _fwd_config(M, N):
     of bf16 per thread keep enough bytes in flight without spilling registers)."""
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 4096 // BLOCK_N))
-    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
+    num_warps = min(32, max(1, BLOCK_M * BLOCK_N // 512))
     return BLOCK_M, BLOCK_N, num_warps
 
 
@@ -168,7 +168,7 @@ def _bwd_config(M, N, device_index):
     thread, so two programs fit one SM), G = 2 programs per SM, fewer when there are not that many tiles."""
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 4096 // BLOCK_N))
-    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
+    num_warps = min(32, max(1, BLOCK_M * BLOCK_N // 512))
     G = max(1, min(2 * _num_sms(device_index), triton.cdiv(M, BLOCK_M)))
     return BLOCK_M, BLOCK_N, num_warps, G
 
@@ -189,7 +189,7 @@ def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     N = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    x2 = _as_rows(x, N)
+    x2, weight = _as_rows(x, N), weight.contiguous()
     M = x2.shape[0]
     if M == 0:
         return y, rstd
@@ -212,7 +212,7 @@ def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    x2, dy2 = _as_rows(x, N), _as_rows(dy, N)
+    x2, dy2, weight = _as_rows(x, N), _as_rows(dy, N), weight.contiguous()
     M = x2.shape[0]
     if M == 0:
         return dx, dw.zero_()

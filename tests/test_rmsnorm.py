@@ -115,11 +115,15 @@ def test_kernel_mixed_dtypes():
     check_against_reference(33, 123, torch.bfloat16, w_dtype=torch.float32)
 
 
-def test_kernel_3d_and_empty():
+def test_kernel_3d_strided_weight_and_empty():
     x = torch.randn(2, 3, 40, device=DEVICE, requires_grad=True)
+    w_storage = torch.randn(80, device=DEVICE)
+    w = w_storage[::2].requires_grad_()  # a strided 1-D weight
+    rmsnorm(x, w).square().sum().backward()
+    gx, gw = torch.autograd.grad(rmsnorm_torch(x, w, EPS).square().sum(), (x, w))
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(w.grad, gw)
     w = torch.ones(40, device=DEVICE, requires_grad=True)
-    rmsnorm(x, w).sum().backward()
-    torch.testing.assert_close(x.grad, torch.autograd.grad(rmsnorm_torch(x, w, EPS).sum(), x)[0])
     empty = torch.randn(0, 40, device=DEVICE, requires_grad=True)
     y = rmsnorm(empty, w)
     y.sum().backward()
