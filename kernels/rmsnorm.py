@@ -165,7 +165,8 @@ def _fwd_config(M, N):
 def _bwd_config(M, N, device_index):
     """(BLOCK_M, BLOCK_N, num_warps, G): tiles of ~4K elements and 8 warps as in the forward (a program
     holds x, dy, the next tile's x and dy, w and its dw partial in registers: ~16 fp32 values of each per
-    thread, so two programs fit one SM), G = 2 programs per SM, fewer when there are not that many tiles."""
+    thread, so two programs should fit one SM), G = 2 programs per SM, fewer when there are not that many
+    tiles. `python bench/kernels.py --sweep` times the alternatives on a real GPU."""
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 4096 // BLOCK_N))
     num_warps = min(32, max(1, BLOCK_M * BLOCK_N // 512))
@@ -256,8 +257,8 @@ def _check(x, weight):
     if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"rmsnorm (Triton): x and weight must be float32/bfloat16/float16, "
                         f"got x {x.dtype}, weight {weight.dtype} (NANOFORGE_KERNELS=rmsnorm=torch runs the twin)")
-    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rmsnorm: weight must be 1-D of size x.shape[-1]; got x {tuple(x.shape)}, "
+    if x.dim() < 1 or x.shape[-1] == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rmsnorm: weight must be 1-D of size x.shape[-1] > 0; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
     if x.device != weight.device:
         raise ValueError(f"rmsnorm: x on {x.device} but weight on {weight.device}")
