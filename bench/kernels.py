@@ -1,7 +1,8 @@
 """
 Benchmark: our Triton RMSNorm, RoPE and SwiGLU against their peers, forward and forward + backward, on one GPU.
 
-    python bench/kernels.py              # the table + plot in bench/results/ (env BENCH_OUT), about a minute
+    python bench/kernels.py              # table + plot in bench/results/ (env BENCH_OUT); 1-2 minutes, mostly
+                                         # torch.compile of the peers
     python bench/kernels.py --sweep      # also time alternative launch configs of our kernels (tuning data)
 
 Peers, all in this one run: the PyTorch eager twin, torch.compile of the twin, F.rms_norm (RMSNorm only) and
