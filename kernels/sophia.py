@@ -19,7 +19,10 @@ loss below, `update_hessian()` does
 Reading the step: where the curvature is large, |m|/(ρ·bs·h) < 1 and the step is lr·m/(ρ·bs·h), a Newton step
 with the "Hessian" ρ·bs·h. Where the curvature is tiny (flat, or not yet estimated: h = 0 at the start), the
 ratio saturates and the step is lr·sign(m), the Lion/signSGD step. So the first steps are sign-momentum steps of
-exactly ±lr, and no coordinate ever moves more than lr (plus weight decay). ε > 0 keeps 0/0 out.
+exactly ±lr, and no coordinate ever moves more than lr (plus weight decay). ε > 0 keeps 0/0 out (default 1e-12
+as in the paper; the official code adds 1e-15). There is no bias correction, hence no step count in the math.
+bf16/fp16 parameters: the math is fp32 and the new p is rounded once per step (the official code instead does
+two in-place bf16 operations); m and h are always fp32.
 
 Where ĝ comes from: the Gauss-Newton-Bartlett (GNB) estimator, the "G" of SophiaG
 ------------------------------------------------------------------------------------
@@ -32,14 +35,15 @@ batch of B tokens (paper, Algorithm 2):
     L̂(θ) = (1/B)·Σ_b CE(f(θ, x_b), ŷ_b),   ŷ_b ~ softmax(f(θ, x_b))         the mean over the B tokens
     ĥ    = B·∇L̂ ⊙ ∇L̂                                                       B: ∇L̂ is a mean of B terms
 
-Scale conventions, exactly those of the official code (which Lille-130M also follows):
+Scale conventions, exactly those of the official code (Lille-130M's code uses the same):
   * ĝ is the gradient of the MEAN sampled-label cross entropy over all the tokens of the step, computed like an
     ordinary gradient: each micro-batch's loss divided by the accumulation steps, DDP averaging the ranks. There
     is no factor B in the loss. The official loop also clips ĝ by global norm (1.0), as it clips g.
   * h therefore holds EMA(∇L̂⊙∇L̂) = EMA(ĥ)/B, and the factor B is applied in the step as ρ·bs·h, with
     bs = B = the number of tokens ĝ was averaged over = tokens per optimizer step (official GPT-2 runs:
     480 sequences × 1024 = 491,520). If the estimator uses fewer tokens than the step, ρ is off by that ratio.
-  * lr is the paper's ρ·η (the official README's re-parameterisation): roughly the AdamW learning rate.
+  * lr is the step size of the clipped update (the official README: it corresponds to ρ·η_t of the paper), in
+    practice about the learning rate one would give AdamW.
 `sampled_label_loss(logits)` at the bottom is the estimator's loss; train.py does the backward pass.
 
 The "win rate" (official train loop's train/win_rate): the share of coordinates whose step was NOT clipped,
@@ -72,7 +76,6 @@ if HAS_TRITON:
     import triton.language as tl
 
 TILE = 4096  # elements per Triton program: 16 per thread with 8 warps, four 16-byte loads per array for fp32
-_ROW = 6     # one row of hyperparameters per group: lr, wd, beta1, beta2, rho*bs, eps
 
 # ----------------------------------------------------------------------------------------------------------------
 # The Triton kernels
@@ -144,7 +147,7 @@ if HAS_TRITON:
             tile_tensor, tile_start, addresses, numels, state_offsets, DTYPE, ALIGNED, TILE)
         count = tl.full((), 0, tl.int32)
         if grad_address != 0:
-            row = hyper + tl.load(tensor_group + t) * 6
+            row = hyper + tl.load(tensor_group + t) * 6  # a group's row: lr, wd, beta1, beta2, rho*bs, eps
             lr, wd, beta1 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
             rho_bs, eps = tl.load(row + 4), tl.load(row + 5)
             offs = tl.arange(0, TILE)
@@ -182,6 +185,7 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------------------------
 # The PyTorch twin: the same two updates on lists of tensors (one parameter group), fp32 math
 # ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
 def sophia_step_torch(params, grads, exp_avgs, hessians, *, lr, weight_decay, beta1, rho_bs, eps):
     """One SophiaG step on lists of tensors; exp_avgs/hessians are fp32. Returns the count of unclipped coordinates."""
     low_precision = params[0].dtype != torch.float32
@@ -200,6 +204,7 @@ def sophia_step_torch(params, grads, exp_avgs, hessians, *, lr, weight_decay, be
     return sum((m.abs() < c).sum() for m, c in zip(exp_avgs, curvature))
 
 
+@torch.no_grad()
 def hessian_ema_torch(hessians, grads, *, beta2):
     """h ← β2·h + (1 − β2)·ĝ⊙ĝ on lists of tensors (fp32 h)."""
     g32 = [g.float() for g in grads]
@@ -429,13 +434,13 @@ def sample_labels_from_logits(logits, generator=None):
 def sampled_label_loss(logits, loss_mask=None, generator=None):
     """The GNB estimator's loss: the MEAN cross entropy of labels sampled from the model's own softmax.
 
-    logits: (..., V), the FULL-sequence logits of the micro-batch (not just the last position).
-    loss_mask: optional bool (...), True where a token counts (e.g. SFT's assistant tokens); then bs in
-    step(bs=...) must count those tokens. Backpropagate it like the training loss (divided by the accumulation
-    steps), optionally clip, then call optimizer.update_hessian(). ĝ is then the gradient of the mean over the
-    step's tokens, and step(bs=...) supplies the factor B of the paper's ĥ = B·ĝ⊙ĝ.
+    logits: (..., V), the FULL-sequence logits of the micro-batch (model(x) without last_only).
+    loss_mask: optional bool (...), True where a token counts (SFT: y != -1); bs in step(bs=...) must then count
+    those tokens. Backpropagate it exactly like the training loss (divided by the accumulation steps), clip as the
+    step clips, then call optimizer.update_hessian(): ĝ is then the gradient of the mean over the step's tokens,
+    and step(bs=...) supplies the factor B of the paper's ĥ = B·ĝ⊙ĝ. generator: for reproducible labels.
     """
     labels = sample_labels_from_logits(logits, generator)
     if loss_mask is not None:
-        labels = labels.masked_fill(~loss_mask, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+        labels = labels.masked_fill(~loss_mask, -1)  # -1: "does not count", as in model.py
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-1)
