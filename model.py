@@ -235,7 +235,9 @@ class GPT(nn.Module):
         if self.config.pos == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.config.pos == "sinusoidal":
-            x = x + self.pe[start:start + T].to(x.dtype)
+            # as in "Attention Is All You Need": embeddings scaled by sqrt(d) so the unit-amplitude sinusoids
+            # do not drown the token signal (embeddings are initialised at std 0.02)
+            x = x * math.sqrt(self.config.n_embd) + self.pe[start:start + T].to(x.dtype)
         else:
             rope_cos_sin = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         for layer, block in enumerate(self.blocks):

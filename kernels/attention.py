@@ -172,33 +172,28 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, hi,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """One query head's contribution to a key block's dK, dV from the query blocks [lo, hi).
-    Works with transposed tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q are plain products."""
-    for start_m in range(lo, hi, BLOCK_M):
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, diag_end,
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, T).
+    Works with transposed tiles (keys x queries), so that dV = P^T dO and dK = dS^T Q are plain products.
+    One loop, not three: the mask is applied under a branch that is uniform over the program (a scalar test:
+    is this block on the diagonal, or past T?), so unmasked blocks skip it at no cost. Three copies of the loop
+    (diagonal, bulk, tail), as in the other kernels, push this kernel past 255 registers at head dim 128."""
+    for start_m in range(lo, T, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        if MASKED:
-            rows = offs_m < T
-            q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
-            lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
-        else:
-            q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :])
-            lse = tl.load(LSE + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)          # S^T / c   (BLOCK_N, BLOCK_M)
+        rows = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)            # S^T / c   (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)  # P^T = exp(S - LSE), recomputed
-        if MASKED:
+        if (start_m < diag_end) | (start_m + BLOCK_M > T):
             keep = rows[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(keep, p_t, 0.0)
-        if MASKED:
-            do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
-        else:
-            do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :])
-            delta = tl.load(DELTA + offs_m)
+        do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)          # dP^T = V dO^T
         ds_t = p_t * (dp_t - delta[None, :])                               # dS^T = P^T * (dP^T - Delta)
@@ -226,26 +221,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     v = tl.load(V + b * svb + kv * svh + offs_n[:, None] * svt + offs_d[None, :], mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    t_full = (T // BLOCK_M) * BLOCK_M  # query blocks below t_full lie wholly inside the sequence
+    # causal: queries before start_n never see these keys, so the walk starts at the diagonal block, whose
+    # BLOCK_N // BLOCK_M query blocks are the only ones that need the causal mask
+    lo = start_n if CAUSAL else 0
+    diag_end = start_n + BLOCK_N if CAUSAL else 0
     for g in range(GROUP):  # GQA: sum the group's query heads into this kv head's dK, dV, in registers
         h = kv * GROUP + g
-        Qh = Q + b * sqb + h * sqh
-        DOh = DO + b * sdob + h * sdoh
-        LSEh = LSE + (b * Hq + h) * T
-        DELTAh = DELTA + (b * Hq + h) * T
-        if CAUSAL:  # queries on the diagonal block (masked), every whole block below it (unmasked), the tail
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
-                                 start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M, True, CAUSAL, PRECISION)
-            lo = start_n + BLOCK_N
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
-                                 lo, t_full, BLOCK_M, False, CAUSAL, PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
-                                 tl.maximum(lo, t_full), T, BLOCK_M, True, CAUSAL, PRECISION)
-        else:       # every query: whole blocks unmasked, then the partial block at the end
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
-                                 0, t_full, BLOCK_M, False, CAUSAL, PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
-                                 t_full, T, BLOCK_M, True, CAUSAL, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh,
+                             LSE + (b * Hq + h) * T, DELTA + (b * Hq + h) * T, sqt, sdot, offs_n, offs_d,
+                             T, qk_scale, lo, diag_end, BLOCK_M, CAUSAL, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kv * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=cols)

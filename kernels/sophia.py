@@ -328,6 +328,13 @@ class SophiaG(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps))
         self.last_backend = None  # 'triton' or 'torch', for the log
 
+    def __getstate__(self):  # pickle / deepcopy: keep the tile; the layout is rebuilt from the state
+        return {**super().__getstate__(), "tile": self.tile}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._buckets, self.last_backend = None, None
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -33,3 +33,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory):
+    """Token shards (gpt2) of the 50 OpenStax documents in ../shared: ~250k tokens, 20k of them validation.
+    Shared by every test that needs real data; prepared once per test session."""
+    import prepare_fineweb
+    src = os.path.join(SHARED, "data", "openstax_edu_text", "sample_50.jsonl")
+    if not os.path.exists(src):
+        pytest.skip(f"shared data not found at {src}")
+    out = str(tmp_path_factory.mktemp("openstax_sample"))
+    prepare_fineweb.main(["--local", src, "--out_dir", out, "--val_tokens", "20000", "--workers", "1"])
+    return out
+
+
+# A model small enough that a CPU step takes milliseconds; every architectural feature of the presets is on.
+TINY_TEST_MODEL = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=128",
+                   "--block_size=64", "--batch_size=4", "--total_batch_tokens=256", "--compile=False",
+                   "--log_interval=1", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]

@@ -1,0 +1,174 @@
+"""model.py: exact parameter counts, the causal property, the KV cache, and every architectural switch."""
+import glob
+import os
+
+import pytest
+import torch
+
+from configurator import read_config_file
+from model import GPT, GPTConfig, KVCache, describe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (preset, our exact count with the tokenizer's vocabulary). auto_g_nano_1b must match its card to the parameter.
+EXPECTED_PARAMS = {
+    "auto_g_nano_1b": 1_050_002_688,
+    "gpt2_124m": 123_551_232,
+    "lille_130m": 138_364_160,     # 127,171,200 with Lille's own 32,768-token vocabulary (checked below)
+    "parchment_166m": 161_966_592,
+    "lime_1b": 983_264_256,
+    "lrc_1p5b": 1_606_374_912,
+    "tiny": 7_220_480,
+}
+
+
+def meta_model(**kw):
+    with torch.device("meta"):
+        return GPT(GPTConfig(**kw))
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_PARAMS))
+def test_preset_parameter_counts(preset):
+    cfg = GPTConfig.from_dict(read_config_file(os.path.join(ROOT, "config", f"{preset}.py")))
+    assert meta_model(**vars(cfg)).num_params() == EXPECTED_PARAMS[preset]
+    assert "parameters" in describe(cfg)
+
+
+def test_every_pretraining_preset_is_counted():
+    presets = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "config", "*.py"))}
+    assert {p for p in presets if not p.startswith("sft")} <= set(EXPECTED_PARAMS)
+
+
+def test_lille_with_its_own_vocabulary_matches_its_code():
+    cfg = GPTConfig.from_dict(read_config_file(os.path.join(ROOT, "config", "lille_130m.py")))
+    cfg.vocab_size = 32768
+    assert meta_model(**vars(cfg)).num_params() == 127_171_200  # "127.2M" in Lille's code
+
+
+def test_padding_rows_are_allocated_but_not_counted():
+    m = meta_model(vocab_size=100, vocab_pad_multiple=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, ffn_hidden=64)
+    assert m.wte.weight.shape[0] == 128
+    assert m.num_params(count_padding=True) - m.num_params() == 28 * 32
+    untied = meta_model(vocab_size=100, vocab_pad_multiple=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, ffn_hidden=64,
+                        tie_embeddings=False)
+    assert untied.num_params(count_padding=True) - untied.num_params() == 2 * 28 * 32
+
+
+def small(**kw):
+    base = dict(n_layer=2, n_embd=48, n_head=6, n_kv_head=2, ffn_hidden=96, vocab_size=101, block_size=32)
+    base.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**base)).eval()
+
+
+VARIANTS = [dict(), dict(n_kv_head=1), dict(n_kv_head=6), dict(head_dim=16), dict(pos="sinusoidal"),
+            dict(pos="learned"), dict(mlp="silu"), dict(tie_embeddings=False), dict(rope_theta=500000.0)]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_causal_changing_token_t_leaves_earlier_logits(kw):
+    model = small(**kw)
+    idx = torch.randint(0, 101, (2, 20))
+    logits, _ = model(idx)
+    t = 11
+    idx2 = idx.clone()
+    idx2[:, t] = (idx2[:, t] + 1) % 101
+    logits2, _ = model(idx2)
+    torch.testing.assert_close(logits[:, :t], logits2[:, :t], rtol=0, atol=1e-6)
+    assert (logits[:, t:] - logits2[:, t:]).abs().max() > 1e-4  # and the change does reach the later positions
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_kv_cache_decoding_equals_recomputation(kw):
+    model = small(**kw)
+    idx = torch.randint(0, 101, (2, 17))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
+    pieces = [model(idx[:, :9], cache=cache)[0]]               # prefill 9
+    pieces.append(model(idx[:, 9:12], cache=cache)[0])         # a chunk of 3 (needs the offset causal mask)
+    for t in range(12, 17):                                    # then one token at a time
+        pieces.append(model(idx[:, t:t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == 17
+
+
+def test_head_dim_differs_from_width():
+    model = small(n_embd=48, n_head=6, n_kv_head=2, head_dim=16)   # 6 x 16 = 96 query dims > 48
+    assert model.blocks[0].attn.c_attn.weight.shape == (96 + 2 * 2 * 16, 48)
+    assert model.blocks[0].attn.c_proj.weight.shape == (48, 96)
+    assert model(torch.randint(0, 101, (1, 5)))[0].shape == (1, 5, 128)
+
+
+def test_gqa_is_not_multi_head_in_disguise():
+    """With one KV head, all query heads read the same keys: a model with n_kv_head=1 has fewer weights."""
+    assert small(n_kv_head=1).num_params() < small(n_kv_head=2).num_params() < small(n_kv_head=6).num_params()
+
+
+def test_tied_and_untied_heads():
+    tied, untied = small(), small(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() - tied.num_params() == 101 * 48
+
+
+def test_positions_matter():
+    """Each position scheme makes the model order-aware: swapping two tokens changes the last logits."""
+    for pos in ("rope", "sinusoidal", "learned"):
+        model = small(pos=pos)
+        idx = torch.tensor([[1, 2, 3, 4, 5, 6]])
+        swapped = torch.tensor([[2, 1, 3, 4, 5, 6]])
+        assert (model(idx)[0][:, -1] - model(swapped)[0][:, -1]).abs().max() > 1e-5, pos
+
+
+def test_loss_ignores_minus_one_targets():
+    model = small()
+    idx = torch.randint(0, 101, (2, 10))
+    tgt = torch.randint(0, 101, (2, 10))
+    masked = tgt.clone()
+    masked[:, :5] = -1
+    logits, loss = model(idx, masked)
+    ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, logits.size(-1)), tgt[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_generate_greedy_matches_argmax_of_recomputation():
+    model = small()
+    idx = torch.randint(0, 101, (1, 6))
+    out = model.generate(idx, 8, temperature=0.0)
+    seq = idx
+    for _ in range(8):
+        nxt = model(seq)[0][:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_top_k_and_top_p_restrict_the_choice():
+    from model import sample_next
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)} <= {0, 1}
+    # probabilities ~ [0.72, 0.26, 0.013, ...]: top_p 0.5 keeps only the first, 0.9 the first two
+    assert {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)} == {0}
+    assert {sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)} == {0, 1}
+
+
+def test_generate_stops_at_stop_token_and_context():
+    model = small()
+    idx = torch.randint(0, 101, (1, 4))
+    first = model.generate(idx, 1, temperature=0.0)[0, -1].item()
+    out = model.generate(idx, 10, temperature=0.0, stop_ids=[first])
+    assert out.shape[1] == 5                       # stopped right after producing the stop token
+    assert model.generate(idx, 1000, temperature=0.0).shape[1] == 32   # never past the context
+
+
+def test_too_long_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="longer than the context"):
+        small()(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad, msg", [(dict(n_head=6, n_kv_head=4), "must divide"),
+                                      (dict(mlp="gelu"), "mlp="), (dict(pos="alibi"), "pos="),
+                                      (dict(n_embd=50, n_head=6), "not divisible")])
+def test_bad_config_is_a_clear_error(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        GPTConfig(**bad)

@@ -1,0 +1,155 @@
+"""train.py end to end on the CPU: loss falls, resume is exact, DDP matches one process, and nothing is lost
+when things go wrong (NaN loss, a crash mid-checkpoint, SIGTERM, bad paths and keys)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from configurator import configure
+from conftest import ROOT, TINY_TEST_MODEL
+
+
+def run_cfg(data_dir, out_dir, *extra):
+    return configure(train.DEFAULTS, TINY_TEST_MODEL + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra])
+
+
+def losses(out_dir):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+def test_validation_loss_falls_and_artifacts_exist(sample_data_dir, tmp_path):
+    train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=60", "--eval_interval=30"))
+    _, val = losses(tmp_path)
+    assert val[0] > 10.0                       # untrained: about ln(50257) = 10.8
+    assert val[-1] < val[0] - 2.0, val         # clearly learned something (unigram statistics at least)
+    for f in ("ckpt.pt", "best.pt", "loss.png", "metrics.jsonl"):
+        assert os.path.getsize(tmp_path / f) > 0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 60 and ckpt["config"]["n_layer"] == 2 and "optimizer" in ckpt and "rng" in ckpt
+    assert not any(k.startswith(("_orig_mod", "module")) for k in ckpt["model"])  # uncompiled names
+
+
+def test_resume_continues_the_same_loss_sequence_bitwise(sample_data_dir, tmp_path):
+    schedule = ["--lr_decay_iters=12", "--eval_interval=6"]
+    train.train(run_cfg(sample_data_dir, tmp_path / "straight", "--max_iters=12", *schedule))
+    train.train(run_cfg(sample_data_dir, tmp_path / "split", "--max_iters=6", *schedule))
+    train.train(run_cfg(sample_data_dir, tmp_path / "split", "--max_iters=12", "--init_from=resume", *schedule))
+    straight, _ = losses(tmp_path / "straight")
+    split, _ = losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 13))
+    assert split == straight                   # loss for loss, bit for bit
+
+
+def test_ddp_two_processes_match_one_process(sample_data_dir, tmp_path):
+    common = [f"--data_dir={sample_data_dir}", "--max_iters=4", "--eval_interval=4", "--device=cpu"]
+    overrides = [a for a in TINY_TEST_MODEL if not a.startswith(("--batch_size", "--total_batch_tokens"))]
+    single = configure(train.DEFAULTS, overrides + common + [f"--out_dir={tmp_path / 'one'}", "--batch_size=8",
+                                                             "--total_batch_tokens=512"])
+    train.train(single)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *overrides, *common, f"--out_dir={tmp_path / 'two'}",
+           "--batch_size=4", "--total_batch_tokens=512"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    one, val_one = losses(tmp_path / "one")
+    two, val_two = losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for s in one:
+        assert abs(one[s] - two[s]) < 1e-4, (s, one[s], two[s])
+    assert abs(val_one[-1] - val_two[-1]) < 1e-4
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(sample_data_dir, tmp_path, monkeypatch):
+    train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=8"))
+    good = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    real_forward = train.GPT.forward
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        return logits, (loss * float("nan") if loss is not None and self.training else loss)
+    monkeypatch.setattr(train.GPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 4"):
+        train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=8", "--init_from=resume", "--lr_decay_iters=8"))
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert after["step"] == good["step"] == 4
+    assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_crash_during_checkpoint_write_leaves_the_previous_one(sample_data_dir, tmp_path, monkeypatch):
+    train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=8"))
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")      # the write starts ...
+        raise OSError("disk full")              # ... and the process dies mid-way
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=4", "--eval_interval=2", "--init_from=resume",
+                            "--lr_decay_iters=8"))
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)   # the old one, whole
+    assert ckpt["step"] == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(sample_data_dir, tmp_path):
+    args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY_TEST_MODEL, f"--data_dir={sample_data_dir}",
+            f"--out_dir={tmp_path}", "--max_iters=100000", "--eval_interval=100000", "--lr_decay_iters=100"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped by signal" in out
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    assert step >= 3
+    cfg = run_cfg(sample_data_dir, tmp_path, f"--max_iters={step + 2}", "--init_from=resume", "--lr_decay_iters=100")
+    train.train(cfg)
+    steps, _ = losses(tmp_path)
+    assert sorted(steps) == list(range(1, step + 3))
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--data_dir=/nonexistent/data"], "data folder not found: /nonexistent/data"),
+    (["--learning_rat=1e-3"], "unknown config key 'learning_rat'"),
+    (["--init_from=resume", "--out_dir=/tmp/nanoforge_no_such_run"], "does not exist"),
+    (["--init_from=/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_input_exits_with_a_clear_message(argv, msg):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_TEST_MODEL, *argv], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert msg in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_wrong_tokenizer_shard_is_refused(tmp_path):
+    import numpy as np
+    from shards import write_shard
+    for name in ("val_000000.bin", "train_000001.bin"):
+        write_shard(str(tmp_path / name), np.arange(0, 100000, 7), 128256)   # ids up to 99995: cl100k-sized
+    cfg = run_cfg(tmp_path, tmp_path / "out", "--max_iters=1")
+    with pytest.raises(ValueError, match=r"token id 99995 >= the model's vocabulary size 50304"):
+        train.train(cfg)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly", "wsd", "constant"])
+def test_lr_schedules_warm_up_then_reach_their_floor(schedule):
+    cfg = dict(train.DEFAULTS, lr_schedule=schedule, learning_rate=1.0, min_lr=0.1, warmup_iters=10,
+               max_iters=100, lr_decay_iters=0, poly_power=2.0, wsd_decay_frac=0.2)
+    lrs = [train.lr_at(s, cfg) for s in range(101)]
+    assert lrs[0] < lrs[5] < lrs[9] <= 1.0                       # linear warmup
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # never increases afterwards
+    assert abs(lrs[100] - (1.0 if schedule == "constant" else 0.1)) < 1e-9
+    if schedule == "wsd":
+        assert lrs[79] == 1.0 and lrs[90] < 1.0
