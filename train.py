@@ -178,6 +178,28 @@ def make_optimizer(model, cfg, device):
     raise ValueError(f"optimizer='{cfg['optimizer']}': expected 'adamw' or 'sophia'")
 
 
+def refresh_hessian(model, raw_model, optimizer, train_data, step, grad_accum, rows_per_micro, rank, world, ddp,
+                    autocast, device, cfg):
+    """Sophia's curvature estimate (Gauss-Newton-Bartlett): the gradient of the loss on labels *sampled from the
+    model's own softmax*, squared, is an unbiased estimate of the Gauss-Newton diagonal. It uses the same
+    micro-batches (so the same number of tokens, Sophia's bs) as the step just taken, scaled and clipped like an
+    ordinary gradient. The labels depend only on (seed, step, rank): a resumed run draws the same ones."""
+    from kernels.sophia import sampled_label_loss
+    label_gen = torch.Generator(device=device).manual_seed((cfg["seed"] * 1_000_003 + step) * world + rank)
+    for micro in range(grad_accum):
+        first = (step * grad_accum + micro) * rows_per_micro + rank * cfg["batch_size"]
+        x, y = train_data.batch(first, cfg["batch_size"], device)
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                logits, _ = model(x)
+            # SFT data: only the trained positions count, as in the ordinary loss
+            (sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen) / grad_accum).backward()
+    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+    optimizer.update_hessian()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def save_checkpoint(path, payload):
     """torch.save to a temporary file, then an atomic rename: a crash mid-write leaves the old file whole."""
     tmp = path + ".tmp"
@@ -388,6 +410,9 @@ def train(cfg):
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg["optimizer"] == "sophia" and step % cfg["hess_interval"] == cfg["hess_interval"] - 1:
+                refresh_hessian(model, raw_model, optimizer, train_data, step, grad_accum, rows_per_micro, rank,
+                                world, ddp, autocast, device, cfg)
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             loss_f = loss_sum.item() / grad_accum  # also the sync point that makes the step time honest
@@ -402,6 +427,8 @@ def train(cfg):
                 mfu = flops_per_step / dt / peak if peak else float("nan")
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
                 gpu = f" | MFU {mfu * 100:5.1f}% | mem {mem:.1f} GiB" if device.type == "cuda" else ""
+                if cfg["optimizer"] == "sophia":  # share of coordinates not clipped; Sophia's authors aim for 0.1-0.5
+                    gpu += f" | win rate {optimizer.win_rate().item():.3f}"
                 log(f"step {step:6d} | loss {loss_f:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
                     f"{dt * 1000:7.1f} ms | {tok_s:,.0f} tok/s{gpu}")
                 if master:

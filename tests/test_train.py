@@ -153,3 +153,19 @@ def test_lr_schedules_warm_up_then_reach_their_floor(schedule):
     assert abs(lrs[100] - (1.0 if schedule == "constant" else 0.1)) < 1e-9
     if schedule == "wsd":
         assert lrs[79] == 1.0 and lrs[90] < 1.0
+
+
+def test_sophia_trains_and_resumes_exactly(sample_data_dir, tmp_path):
+    """optimizer='sophia': the Hessian refresh every hess_interval steps, the win rate in the log, exact resume."""
+    opts = ["--optimizer=sophia", "--hess_interval=2", "--sophia_rho=0.05", "--learning_rate=2e-3",
+            "--lr_decay_iters=10", "--eval_interval=5"]
+    train.train(run_cfg(sample_data_dir, tmp_path / "straight", "--max_iters=10", *opts))
+    train.train(run_cfg(sample_data_dir, tmp_path / "split", "--max_iters=5", *opts))
+    train.train(run_cfg(sample_data_dir, tmp_path / "split", "--max_iters=10", "--init_from=resume", *opts))
+    straight, val = losses(tmp_path / "straight")
+    split, _ = losses(tmp_path / "split")
+    assert split == straight
+    assert val[-1] < val[0] - 0.5
+    ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    hessians = [s["hessian"] for s in ckpt["optimizer"]["state"].values()]
+    assert hessians and all(h.abs().sum() > 0 for h in hessians)   # the estimate was refreshed and saved
