@@ -149,7 +149,8 @@ def plot(rows):
         ax.set_xticklabels([s.replace(" T", "\nT") for s in shapes], fontsize=8)
         ax.set_ylabel("TFLOP/s (causal fwd = 2*B*H*T^2*D; fwd+bwd = 3.5x)")
         ax.set_title(f"{title}, bf16, {gpu_name()}")
-        ax.legend(fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     path = os.path.join(RESULTS_DIR, "attention.png")
     fig.savefig(path, dpi=120)

@@ -29,9 +29,10 @@ CAUSAL BLOCK SKIPPING. With query block [m0, m0 + BLOCK_M) and key block [n0, n0
   - blocks with n0 > last query are entirely above the diagonal: never visited (half the work of causal);
   - blocks with n0 + BLOCK_N <= m0 are entirely below: every score is visible, no mask is computed;
   - only the few blocks that straddle the diagonal pay for the mask (and for the end of the sequence, T).
-The kernels below write each loop twice, an unmasked one (the bulk) and a masked one (diagonal and tail),
-chosen by a compile-time flag, so the hot loop carries no masking at all. Any T works: loads past T read
-zeros, masked scores are -inf, and rows past T are never stored.
+The forward and dQ kernels write their loop twice, an unmasked copy (the bulk) and a masked one (diagonal and
+the partial block at T), chosen by a compile-time flag, so the hot loop carries no masking at all. (The dK/dV
+kernel has one loop and a branch instead; see _dkdv_inner for why.) Any T works: loads past T read zeros,
+masked scores are -inf, and rows past T are never stored.
 No NaN: every row's first visited block contains key 0 (or, on the diagonal, the row's own key), so the
 running max is finite before any fully masked tile could make exp(-inf - -inf).
 
@@ -45,7 +46,8 @@ P is not stored: the backward recomputes it tile by tile from S and the saved LS
 with no max/sum pass. Delta (fp32, one number per row) comes from a small preprocessing kernel.
 Two kernels do the rest, each owning what it writes, so no atomics and a DETERMINISTIC result:
   - dK/dV: a program holds one key block of one kv head and walks the query blocks (causal: from the diagonal
-    down); it accumulates dV += P^T dO and dK += dS^T Q in registers and stores once;
+    down, as earlier queries never see these keys); it accumulates dV += P^T dO and dK += dS^T Q in registers
+    and stores once;
   - dQ: a program holds one query block and walks the key blocks (causal: up to the diagonal).
 S and dP are recomputed in both: 7 matrix products per tile instead of the 5 of a version that adds dQ with
 atomics. That is the price of determinism.
@@ -58,7 +60,9 @@ LAYOUTS. q (B, Hq, T, D), k and v (B, Hkv, T, D) arrive as strided views (the mo
 (B, T, H, D) tensors); the kernels take strides and copy nothing (unless the last dim is itself strided).
 The output is allocated (B, T, Hq, D) in memory and returned as its (B, Hq, T, D) view, so the model's
 .transpose(1, 2).reshape(B, T, C) afterwards is free. Supported: head dim 16/32/64/128, fp16 and bf16
-(fp32 too: exact fp32 products, slow, for tests and the interpreter). Under torch.compile the kernels are two
+(fp32 too: exact fp32 products, slow, for tests and the interpreter; Triton 3.9's interpreter gets bf16
+products wrong, so CPU tests use fp32 and fp16). Constants inside the kernels (log2 e = 1.4427, ln 2 = 0.6931)
+are written out: a Triton kernel may only read globals declared tl.constexpr. Under torch.compile the kernels are two
 opaque custom ops (nanoforge::flash_attn_fwd / _bwd) with fake implementations, wrapped in an
 autograd.Function that dynamo traces.
 """
@@ -79,7 +83,6 @@ else:  # no Triton (e.g. macOS): a stand-in lets this file import; only the twin
     tl = SimpleNamespace(constexpr=None)
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * LN2
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,15 +99,15 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, T, qk_scale, lo
             k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
         else:
             k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # scores in log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # S / c
         if MASKED:
             keep = offs_n[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)         # rescale what was summed against the old max
-        p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # in log2 units; qk_scale > 0, so max commutes
+        alpha = tl.exp2(m_i - m_new)                      # rescale what was summed against the old max
+        p = tl.exp2(s * qk_scale - m_new[:, None])        # one fused multiply-add per score, then exp2
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
@@ -307,27 +310,33 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # in the dK/dV kernel (the same, transposed). The interpreter gets small blocks, so small tests cover several
 # blocks, a partial last block and a diagonal split over two tiles.
 INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
-FP32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # exact products: FMA
+# fp32 on a GPU: exact products (input_precision "ieee") run on the FMA units, not tensor cores, and need many
+# more registers per tile; these small tiles compile without spills (a correctness path, not a fast one).
+FP32_CONFIGS = {"fwd": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1)},
+                "dkdv": {64: (16, 32, 4, 1), 128: (16, 32, 4, 1)},
+                "dq": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1)}}
 
 
 def default_config(kind, head_dim, dtype):
-    """A good-on-H100 guess, used without autotuning (tests, NANOFORGE_ATTN_AUTOTUNE=0)."""
+    """The config used without autotuning (tests, NANOFORGE_ATTN_AUTOTUNE=0): the first tuning candidate."""
     if interpreting():
         return INTERPRETER_CONFIGS[kind]
-    if dtype == torch.float32:
-        return FP32_CONFIGS[kind]
-    small = head_dim <= 64
-    return {"fwd": (128, 64, 4, 3) if small else (128, 64, 8, 3),
-            "dkdv": (32, 128, 4, 3) if small else (64, 128, 8, 2),
-            "dq": (128, 32, 4, 3) if small else (128, 64, 8, 2)}[kind]
+    size = 128 if head_dim > 64 else 64
+    return FP32_CONFIGS[kind][size] if dtype == torch.float32 else TUNE_CONFIGS[kind][size][0]
 
 
-# The autotuning search space (16-bit inputs on a GPU): tried once per (head dim, causal, dtype), ~15 compiles
-# per key, so the first call of a training run pays ~20 s.
+# The autotuning search space for 16-bit inputs on a GPU, per head dim (64 stands for <= 64). Chosen offline by
+# compiling every candidate for sm_90 (Triton 3.6 and 3.9) and keeping those that neither spill registers nor
+# overflow shared memory. The dK/dV kernel is the tight one: it holds two (BLOCK_N, D) fp32 accumulators, so at
+# D = 128 it needs 8 warps, and BLOCK_M <= 32 when BLOCK_N = 128. Timed once per (kernel, head dim, causal,
+# dtype): 15 compiles per head dim, so the first call of a run pays ~30 s. The first entry is the untuned default.
 TUNE_CONFIGS = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 4)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
-    "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4)]},
+    "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2)],
+             128: [(32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)]},
+    "dq": {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
+           128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)]},
 }
 
 
@@ -355,7 +364,7 @@ def _pick_config(kind, launch, head_dim, causal, dtype):
     key = (kind, head_dim, causal, dtype)
     if key not in _tuned:
         timings, error = {}, None
-        for config in TUNE_CONFIGS[kind]:
+        for config in TUNE_CONFIGS[kind][128 if head_dim > 64 else 64]:
             if _smem_bytes(kind, config, head_dim) > SMEM_LIMIT:
                 continue
             try:
@@ -502,6 +511,8 @@ def attention_triton(q, k, v, causal=True, scale=None):
     """The Triton path, with its input checks (clear errors for what the kernel does not support)."""
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0:  # the kernels take the row max of unscaled scores: right only for a positive scale
+        raise ValueError(f"attention: softmax scale must be positive, got {scale}")
     return FlashAttention.apply(q, k, v, bool(causal), scale)
 
 

@@ -41,13 +41,18 @@ def reference(q, k, v, do, causal, scale, dtype):
     """Explicit attention in `dtype` (fp64 / fp32): returns O, LSE, dQ, dK, dV."""
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     group = q.shape[1] // k.shape[1]
-    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # GQA the expensive, obvious way
-    s = (q @ kr.transpose(-1, -2)) * scale
-    if causal:
-        T = q.shape[2]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    o = torch.softmax(s, -1) @ vr
-    o.backward(do.to(dtype))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference, whatever another test left set
+    try:
+        kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # GQA the expensive, obvious way
+        s = (q @ kr.transpose(-1, -2)) * scale
+        if causal:
+            T = q.shape[2]
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        o = torch.softmax(s, -1) @ vr
+        o.backward(do.to(dtype))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return o.detach(), torch.logsumexp(s, -1).detach(), q.grad, k.grad, v.grad
 
 
@@ -195,6 +200,38 @@ def test_compile_aot_eager():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_autotune_picks_fastest_and_remembers(monkeypatch):
+    """The GPU-only tuning path, run in the interpreter with a fake clock: every candidate is launched, a
+    failing one is skipped, the fastest is kept per key, and the next call does not tune again."""
+    import triton
+    monkeypatch.setattr(A, "interpreting", lambda: False)  # as on a GPU (the kernels still run interpreted)
+    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(A, "_tuned", {})
+    clock = iter([3.0, 1.0, 2.0, None, 5.0] * 3)  # per kernel: the 2nd is fastest, the 4th does not compile
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        ms = next(clock)
+        if ms is None:
+            raise RuntimeError("out of resource: shared memory")
+        return ms
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    q, k, v = make_qkv(1, 2, 1, 20, 64, torch.float16)
+    do = torch.randn(q.shape).half()
+    o, lse = A._forward(q, k, v, True, 0.125)
+    grads = A._backward(do, q, k, v, o, lse, True, 0.125)
+    for kind in ("fwd", "dkdv", "dq"):
+        assert A._tuned[(kind, 64, True, torch.float16)] == A.TUNE_CONFIGS[kind][64][1]
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **kw: pytest.fail("tuned twice"))
+    o2, _ = A._forward(q, k, v, True, 0.125)
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+    want = twin(q, k, v, do, True, 0.125)
+    torch.testing.assert_close(o.float(), want[0].float(), rtol=0, atol=4e-3)
+    for g, w in zip(grads, want[2:]):
+        torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=1e-2)
+
+
 def test_twin_gradcheck():
     """The twin itself against fp64 finite differences (causal and not, GQA)."""
     for causal in (True, False):
@@ -217,6 +254,12 @@ def test_bad_input(bad, err, match):
     q, k, v = make_qkv(1, 4, 2, 8, 64, torch.float32)
     with pytest.raises(err, match=match):
         A.attention_triton(*bad(q, k, v))
+
+
+def test_nonpositive_scale_refused():
+    q, k, v = make_qkv(1, 2, 1, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="positive"):
+        A.attention_triton(q, k, v, scale=-0.1)
 
 
 def test_head_dim_256_refused():
@@ -277,13 +320,12 @@ def test_gpu_sweep(T, B, Hq, Hkv, D, causal, dtype, fixed_configs):
 def test_gpu_every_tuning_config(kind, D, monkeypatch):
     """Whatever the autotuner picks must be right: each candidate config of each kernel, forced in turn."""
     defaults = {k: A.default_config(k, D, torch.bfloat16) for k in ("fwd", "dkdv", "dq")}
-    for config in A.TUNE_CONFIGS[kind]:
+    for config in A.TUNE_CONFIGS[kind][D]:
         if A._smem_bytes(kind, config, D) > A.SMEM_LIMIT:
             continue
         chosen = {**defaults, kind: config}
         monkeypatch.setattr(A, "_pick_config", lambda k, *args: chosen[k])
         check(2, 8, 2, 1000, D, True, torch.bfloat16, device="cuda")
-        check(1, 4, 4, 300, D, False, torch.bfloat16, device="cuda")
 
 
 @pytest.mark.gpu
@@ -319,5 +361,5 @@ def test_gpu_compile_and_dispatch(fixed_configs):
     eager = torch.autograd.grad(fn(q, k, v), (q, k, v))
     compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True)(q, k, v), (q, k, v))
     for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b)  # bf16 tolerances: inductor may round the loss's gradient differently
     torch.testing.assert_close(A.attention(q, k, v), A.attention_triton(q, k, v), rtol=0, atol=0)
