@@ -1,0 +1,459 @@
+"""
+eval.py — how good is a checkpoint? Zero-shot benchmarks and bits per byte, in one pass.
+
+    python eval.py --ckpt out/gpt2_124m                                   # every task + bits per byte
+    python eval.py --ckpt out/tiny --tasks hellaswag,piqa --limit 200     # a quick look
+    python eval.py --compare out/gpt2_124m out/lille_130m                 # side by side (their eval.json)
+
+THE ONE IDEA. A language model assigns a probability to any text. To ask it a multiple-choice question we do
+not make it "answer": we write each candidate after the question and measure how likely the model finds it,
+
+    log p(continuation | context) = sum_i log p(c_i | context, c_1 .. c_{i-1})      (c_i: continuation tokens)
+
+and pick the most likely candidate. The task files and how each item becomes (context, continuation) text
+are in eval_tasks.py. Three ways to compare candidates, all reported:
+
+    acc        argmax of the summed log-prob. Favours short answers: every extra token costs probability.
+    acc_norm   argmax of log-prob / len(answer in characters): lm-evaluation-harness's acc_norm (it divides by
+               the character length of the choice string, delimiter excluded). Characters, not tokens, so
+               models with different tokenizers are normalised alike. This is the HellaSwag/ARC/PIQA number
+               papers and leaderboards usually quote.
+    acc_token  argmax of the MEAN token log-prob (= lowest mean loss): what llm.c's HellaSwag scorer calls
+               acc_norm. Same idea, tokenizer-dependent. Compare it with llm.c's HellaSwag plots.
+
+Published references for orientation (OpenAI's GPT-2 124M weights): HellaSwag acc 0.2892 / acc_norm 0.3114 with
+lm-evaluation-harness (its rendering prefixes the activity label, see eval_tasks.py), and acc 0.2859 / acc_token
+0.2955 with llm.c's completion-style scorer, which is our rendering. Our HellaSwag file is the harness-cleaned
+text, so expect agreement with llm.c to a few tenths of a point, not exactly.
+
+For every task the table also shows `chance`, the expected accuracy of guessing uniformly (the mean of
+1/num_choices over the items), and ±1 standard error sqrt(p(1-p)/n) of acc, so "0.27 on 10k items" can be told
+from noise.
+
+BATCHING. Candidates are independent sequences. We sort them by length (longest first), cut batches that fit
+a budget of rows x tokens, pad every row on the RIGHT to the longest in its batch, and run one forward.
+Right padding needs no attention mask: attention is causal, so a real token never looks at the pads after it.
+From the (B, T, V) logits we gather only the positions that predict continuation tokens, take log_softmax in
+fp32 (bf16 logits would cost precision over 50k entries), and sum per row. bf16 autocast on a GPU, fp32 on
+the CPU. Log-probs are over the tokenizer's vocabulary only: the model's padding rows (vocabulary padded to a
+multiple of 64) are sliced off, which renormalises over the tokens that can occur.
+
+TOO LONG FOR THE CONTEXT WINDOW. The model sees at most block_size positions; a sequence context + continuation
+may hold block_size + 1 tokens (the last token is only a target). Longer ones are LEFT-truncated: we drop the
+beginning of the context and keep the whole continuation, as lm-evaluation-harness does. (A continuation longer
+than block_size is an error.) The JSON records how many items were truncated per task.
+
+BITS PER BYTE. Cross-entropy per token depends on the tokenizer; per byte of UTF-8 text it does not:
+
+    bpb = (sum over tokens of -ln p(token | previous)) / ln 2 / (UTF-8 bytes of the text)
+
+Each document is [<|endoftext|>] + its tokens (as in our training shards); the end-of-text token is context,
+never a target, so the scored tokens spell exactly the document's bytes. Documents longer than block_size are
+read with SLIDING WINDOWS: a window of block_size tokens scores only the tokens the previous window did not,
+then moves `stride` tokens on. Every token is scored exactly once, and after the first window each token has
+at least block_size - stride tokens of context. stride = block_size (no overlap) is cheapest but the first
+tokens of each window see almost nothing; the default stride = block_size / 2 costs 2x and guarantees half a
+window of history, a middle road (stride 1 would be the exact "full context" answer at block_size x the cost).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval_tasks import DEFAULT_DATA_ROOT, TASKS, check_task_names, load_items, read_rows
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_BPB_FILE = os.path.join(ROOT, "..", "shared", "data", "openstax_edu_text", "sample_50.jsonl")
+GEN_TOKENS = 10           # greedy tokens generated for an arithmetic answer (6-digit numbers are <= 3 gpt2 tokens)
+LOGSOFTMAX_CHUNK = 8192   # continuation positions per log_softmax: bounds the fp32 (N, V) temporary
+
+
+def progress_bar(total, desc, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="seq", disable=None if enabled else True, leave=False)
+
+
+def autocast_for(device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---- scoring: log p(continuation | context) for a list of token-id pairs ------------------------------------
+@torch.no_grad()
+def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, batch_tokens=4096, desc=None,
+                   progress=False):
+    """requests: [(context_ids, continuation_ids)]. Returns a dict of numpy arrays over the requests:
+    logprob (summed over the continuation, nats, float64), n_tokens, greedy (every continuation token is the
+    argmax of its distribution), and `truncated`, the number of contexts cut on the left."""
+    seqs, truncated = [], 0
+    for ctx, cont in requests:
+        if len(cont) == 0:
+            raise ValueError("empty continuation: nothing to score")
+        if len(ctx) == 0:
+            raise ValueError("empty context: start it with the end-of-text token")
+        if len(cont) > block_size:
+            raise ValueError(f"continuation of {len(cont)} tokens is longer than the context ({block_size})")
+        keep = block_size + 1 - len(cont)   # the sequence may hold block_size + 1 tokens: the last is never input
+        truncated += len(ctx) > keep
+        ctx = list(ctx[-keep:])
+        seqs.append((ctx + list(cont), len(ctx)))
+
+    n = len(seqs)
+    logprob, greedy = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
+    order = sorted(range(n), key=lambda i: -len(seqs[i][0]))   # longest first: little padding, OOM shows early
+    autocast = autocast_for(device)
+    bar = progress_bar(n, desc, progress)
+    i = 0
+    while i < n:
+        T = len(seqs[order[i]][0]) - 1                          # this batch's input length (its longest row)
+        rows = order[i:i + max(1, min(batch_size, batch_tokens // T))]
+        x = torch.zeros(len(rows), T, dtype=torch.long)         # pad id 0: invisible, see BATCHING above
+        row_of, pos_of, target = [], [], []
+        for r, j in enumerate(rows):
+            toks, n_ctx = seqs[j]
+            x[r, :len(toks) - 1] = torch.tensor(toks[:-1])
+            # the logit at position p predicts token p + 1: continuation tokens n_ctx.. are predicted at n_ctx-1..
+            row_of += [r] * (len(toks) - n_ctx)
+            pos_of += range(n_ctx - 1, len(toks) - 1)
+            target += toks[n_ctx:]
+        with autocast:
+            logits = model(x.to(device))[0]
+        row_of, pos_of = torch.tensor(row_of, device=device), torch.tensor(pos_of, device=device)
+        target = torch.tensor(target, device=device)
+        lp_sum = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        misses = torch.zeros(len(rows), dtype=torch.long, device=device)
+        for s in range(0, len(target), LOGSOFTMAX_CHUNK):
+            e = s + LOGSOFTMAX_CHUNK
+            lg = logits[row_of[s:e], pos_of[s:e], :n_vocab].float()           # (N, V) only where we score
+            lp = F.log_softmax(lg, dim=-1).gather(1, target[s:e, None]).squeeze(1)
+            lp_sum.index_add_(0, row_of[s:e], lp.double())
+            misses.index_add_(0, row_of[s:e], (lg.argmax(-1) != target[s:e]).long())
+        del logits                                              # before the next forward allocates its own
+        logprob[rows] = lp_sum.cpu().numpy()
+        greedy[rows] = (misses == 0).cpu().numpy()
+        bar.update(len(rows))
+        i += len(rows)
+    bar.close()
+    n_tokens = np.array([len(toks) - n_ctx for toks, n_ctx in seqs])
+    return {"logprob": logprob, "greedy": greedy, "n_tokens": n_tokens, "truncated": int(truncated)}
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts, max_new_tokens, block_size, n_vocab, device, batch_size=64, desc=None,
+                    progress=False):
+    """Greedy continuations (max_new_tokens each, token ids) of prompts (lists of ids), batched.
+
+    Rows are right-padded as in scoring; row r's next token is read at its own last position, written after
+    it, and the whole batch runs again (no KV cache: answers are a few tokens, and any model with the GPT
+    forward signature works). Prompts are left-truncated to leave room for the answer."""
+    keep = block_size - max_new_tokens
+    prompts = [list(p[-keep:]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    autocast = autocast_for(device)
+    bar = progress_bar(len(prompts), desc, progress)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        lens = torch.tensor([len(prompts[j]) for j in rows], device=device)
+        buf = torch.zeros(len(rows), int(lens.max()) + max_new_tokens, dtype=torch.long, device=device)
+        for r, j in enumerate(rows):
+            buf[r, :len(prompts[j])] = torch.tensor(prompts[j])
+        arange = torch.arange(len(rows), device=device)
+        for _ in range(max_new_tokens):
+            with autocast:
+                logits = model(buf[:, :int(lens.max())])[0]
+            nxt = logits[arange, lens - 1, :n_vocab].argmax(-1)
+            buf[arange, lens] = nxt
+            lens += 1
+        for r, j in enumerate(rows):
+            out[j] = buf[r, len(prompts[j]):len(prompts[j]) + max_new_tokens].tolist()
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
+# ---- tasks ---------------------------------------------------------------------------------------------------
+def encoder(enc):
+    """Text -> ids, cached (HellaSwag repeats each context 4 times). encode_ordinary: benchmark text is text,
+    even where it happens to contain '<|endoftext|>'. An empty context becomes the end-of-text token."""
+    cache = {}
+
+    def encode(text):
+        if text not in cache:
+            cache[text] = enc.encode_ordinary(text) or [enc.eot_token]
+        return cache[text]
+    return encode
+
+
+def answer_is_right(generated_text, answer):
+    """The answer must be the first thing on the generated line (leading spaces aside), and not the start of a
+    longer number: '-734' matches '-734', ' -734.' and '-734 is it', not '-7345'."""
+    line = generated_text.split("\n")[0].strip()
+    ans = answer.strip()
+    return line.startswith(ans) and (len(line) == len(ans) or not line[len(ans)].isdigit())
+
+
+def run_task(model, enc, name, items, block_size, device, batch_size=64, batch_tokens=4096, progress=False):
+    """Score one task's items; returns its metrics (a JSON-ready dict)."""
+    kind, encode, n_vocab = TASKS[name].kind, encoder(enc), enc.n_vocab
+    kw = dict(block_size=block_size, n_vocab=n_vocab, device=device, batch_size=batch_size, desc=name,
+              progress=progress)
+    res = {"kind": kind, "n": len(items)}
+    if kind in ("choice", "schema"):
+        reqs = [(encode(c), encode(x)) for it in items for c, x in it["pairs"]]
+        scored = score_requests(model, reqs, batch_tokens=batch_tokens, **kw)
+        hits = {"acc": [], "acc_norm": [], "acc_token": []}
+        k = 0
+        for it in items:
+            m = len(it["pairs"])
+            lp, ntok = scored["logprob"][k:k + m], scored["n_tokens"][k:k + m]
+            chars = np.array([max(1, len(t)) for t in it["norm_texts"]], dtype=np.float64)
+            hits["acc"].append(int(np.argmax(lp)) == it["gold"])
+            hits["acc_norm"].append(int(np.argmax(lp / chars)) == it["gold"])
+            hits["acc_token"].append(int(np.argmax(lp / ntok)) == it["gold"])
+            k += m
+        res.update({key: float(np.mean(v)) for key, v in hits.items()})
+        if kind == "schema":   # one shared continuation: both normalisations equal acc by construction
+            res.pop("acc_norm"), res.pop("acc_token")
+        res["chance"] = float(np.mean([1.0 / len(it["pairs"]) for it in items]))
+        res["truncated"] = scored["truncated"]
+    elif kind == "lm":
+        reqs = [(encode(it["context"]), encode(it["continuation"])) for it in items]
+        scored = score_requests(model, reqs, batch_tokens=batch_tokens, **kw)
+        res["acc"] = float(np.mean(scored["greedy"]))
+        # lm-evaluation-harness: perplexity = exp(-mean over ITEMS of the continuation's total log-likelihood)
+        res["ppl"] = float(math.exp(-np.mean(scored["logprob"])))
+        res["chance"], res["truncated"] = 0.0, scored["truncated"]
+    elif kind == "generate":
+        outs = greedy_generate(model, [encode(it["context"]) for it in items], GEN_TOKENS, **kw)
+        texts = [enc.decode(o[:o.index(enc.eot_token)] if enc.eot_token in o else o) for o in outs]
+        res["acc"] = float(np.mean([answer_is_right(t, it["answer"]) for t, it in zip(texts, items)]))
+        res["chance"] = 0.0
+        res["examples"] = [{"context": it["context"], "answer": it["answer"], "generated": t}
+                           for it, t in list(zip(items, texts))[:3]]
+    else:
+        raise ValueError(f"{name}: unknown task kind '{kind}'")
+    n, p = len(items), res["acc"]
+    res["stderr"] = math.sqrt(p * (1 - p) / n) if n else float("nan")
+    return res
+
+
+# ---- bits per byte ----------------------------------------------------------------------------------------------
+def read_documents(path):
+    """.jsonl / .jsonl.gz: the "text" field of every line; anything else: the whole file is one document."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"bits-per-byte file {path} not found (--bpb_file; 'none' skips it)")
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        docs = [r["text"] for r in read_rows(path)]
+    else:
+        with open(path, encoding="utf-8") as f:
+            docs = [f.read()]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError(f"{path} holds no text")
+    return docs
+
+
+def window_requests(tokens, block_size, stride):
+    """Sliding windows over one document's tokens (tokens[0] = end-of-text). Each (context, continuation):
+    the continuation holds the tokens this window scores, the context the ones before it in the window."""
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride {stride} must lie in 1..block_size ({block_size})")
+    last = min(block_size, len(tokens) - 1)          # index of the last scored token so far
+    reqs = [(tokens[:1], tokens[1:last + 1])]
+    while last < len(tokens) - 1:
+        end = min(last + stride, len(tokens) - 1)
+        reqs.append((tokens[end - block_size:last + 1], tokens[last + 1:end + 1]))
+        last = end
+    return reqs
+
+
+def bits_per_byte(model, enc, path, block_size, device, stride=None, batch_size=64, batch_tokens=4096,
+                  progress=False):
+    docs = read_documents(path)
+    stride = stride or max(1, block_size // 2)
+    reqs = [r for d in docs for r in window_requests([enc.eot_token] + enc.encode_ordinary(d), block_size, stride)]
+    scored = score_requests(model, reqs, block_size, enc.n_vocab, device, batch_size, batch_tokens, "bpb", progress)
+    nats, n_tokens = -float(scored["logprob"].sum()), int(scored["n_tokens"].sum())
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    return {"file": os.path.abspath(path), "documents": len(docs), "tokens": n_tokens, "bytes": n_bytes,
+            "stride": stride, "nats_per_token": nats / n_tokens, "bytes_per_token": n_bytes / n_tokens,
+            "bpb": nats / math.log(2) / n_bytes}
+
+
+# ---- a whole suite -------------------------------------------------------------------------------------------
+def evaluate(model, enc, tasks, block_size, device, data_root=DEFAULT_DATA_ROOT, limit=None, bpb_file=None,
+             bpb_stride=None, batch_size=64, batch_tokens=4096, online=False, progress=False, log=print):
+    results = {"tasks": {}, "bpb": None}
+    for name in tasks:
+        t0 = time.time()
+        items = load_items(name, data_root, limit, online)
+        r = run_task(model, enc, name, items, block_size, device, batch_size, batch_tokens, progress)
+        r["seconds"] = time.time() - t0
+        results["tasks"][name] = r
+        log(f"  {name:<30} {r['n']:6d} items  acc {r['acc']:.4f}  ({r['seconds']:.1f} s)")
+    if bpb_file:
+        t0 = time.time()
+        results["bpb"] = bits_per_byte(model, enc, bpb_file, block_size, device, bpb_stride, batch_size,
+                                       batch_tokens, progress)
+        results["bpb"]["seconds"] = time.time() - t0
+    return results
+
+
+def fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(results):
+    lines = [f"{'task':<30}{'n':>7}{'acc':>9}{'acc_norm':>10}{'acc_token':>11}{'chance':>8}{'± s.e.':>8}"
+             f"  {'other':<13}{'sec':>7}"]
+    for name, r in results["tasks"].items():
+        other = f"ppl {r['ppl']:.2f}" if "ppl" in r else ""
+        lines.append(f"{name:<30}{r['n']:>7}{fmt(r['acc']):>9}{fmt(r.get('acc_norm')):>10}"
+                     f"{fmt(r.get('acc_token')):>11}{fmt(r['chance']):>8}{fmt(r['stderr']):>8}  {other:<13}"
+                     f"{r.get('seconds', 0):>7.1f}")
+    b = results.get("bpb")
+    if b:
+        lines.append(f"bits per byte {b['bpb']:.4f}  ({os.path.basename(b['file'])}: {b['documents']} documents, "
+                     f"{b['tokens']:,} tokens, {b['bytes']:,} bytes, {b['nats_per_token']:.4f} nats/token, "
+                     f"stride {b['stride']}, {b.get('seconds', 0):.1f} s)")
+    return "\n".join(lines)
+
+
+def compare_table(named_results):
+    """Rows: each task's headline metrics and bits per byte; one column per run."""
+    names = [n for n, _ in named_results]
+    rows, seen = [], set()
+    for _, res in named_results:
+        for task, r in res["tasks"].items():
+            for metric in ("acc", "acc_norm", "acc_token", "ppl"):
+                if metric in r and (task, metric) not in seen:
+                    seen.add((task, metric))
+                    rows.append((task, metric))
+    width = max([12] + [len(n) + 2 for n in names])
+    lines = [f"{'task':<30}{'metric':<11}" + "".join(f"{n:>{width}}" for n in names)]
+    for task, metric in rows:
+        vals = [res["tasks"].get(task, {}).get(metric) for _, res in named_results]
+        lines.append(f"{task:<30}{metric:<11}" + "".join(f"{fmt(v, '.2f' if metric == 'ppl' else '.4f'):>{width}}"
+                                                          for v in vals))
+    bpbs = [res["bpb"]["bpb"] if res.get("bpb") else None for _, res in named_results]
+    if any(v is not None for v in bpbs):
+        lines.append(f"{'bits per byte':<41}" + "".join(f"{fmt(v):>{width}}" for v in bpbs))
+    steps = [res.get("step") for _, res in named_results]
+    lines.append(f"{'step':<41}" + "".join(f"{fmt(v, 'd'):>{width}}" for v in steps))
+    return "\n".join(lines)
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+def run_folder(ckpt):
+    return ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+
+
+def checkpoint_file(ckpt):
+    file = os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no checkpoint at {file}")
+    return file
+
+
+def evaluate_checkpoint(ckpt, args, tasks):
+    """Load a run's checkpoint, evaluate it, write <run>/eval.json (or --out); returns the results dict."""
+    import tiktoken
+    from model import load_checkpoint
+    file = checkpoint_file(ckpt)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    t0 = time.time()
+    model, cfg = load_checkpoint(file, device)
+    enc = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2"))
+    try:  # the step is metadata; a memory-mapped second look costs nothing
+        step = int(torch.load(file, map_location="cpu", weights_only=False, mmap=True).get("step", -1))
+    except Exception:
+        step = None
+    batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
+    print(f"evaluating {file} (step {step}, {model.num_params():,} parameters, context {model.config.block_size}) "
+          f"on {device}{' with bf16 autocast' if device.type == 'cuda' else ''}")
+    bpb_file = None if args.bpb_file.lower() in ("", "none") else args.bpb_file
+    results = evaluate(model, enc, tasks, model.config.block_size, device, args.data_root, args.limit, bpb_file,
+                       args.bpb_stride or None, args.batch_size, batch_tokens, args.online, progress=True)
+    results.update({"ckpt": os.path.abspath(file), "step": step, "tokenizer": enc.name, "limit": args.limit,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": time.time() - t0})
+    out = (args.out if not args.compare else "") or os.path.join(run_folder(ckpt), "eval.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(format_table(results))
+    print(f"total {results['seconds']:.1f} s; wrote {out}")
+    return results
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="zero-shot benchmarks and bits per byte for a nanoforge checkpoint")
+    p.add_argument("--ckpt", help="run folder (its ckpt.pt) or a .pt file")
+    p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all': {', '.join(TASKS)}")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (quick runs)")
+    p.add_argument("--batch_size", type=int, default=64, help="most sequences per forward")
+    p.add_argument("--batch_tokens", type=int, default=0,
+                   help="most padded tokens per forward (0: 32768 on a GPU, 4096 on the CPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--data_root", default=DEFAULT_DATA_ROOT, help="folder holding the task files")
+    p.add_argument("--online", action="store_true", help="fetch missing task files from the hub with `datasets`")
+    p.add_argument("--bpb_file", default=DEFAULT_BPB_FILE, help="held-out text (.jsonl 'text' field, or .txt); "
+                                                                "'none' skips bits per byte")
+    p.add_argument("--bpb_stride", type=int, default=0, help="sliding-window stride (0: block_size // 2)")
+    p.add_argument("--out", default="", help="results file (default <run folder>/eval.json)")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="print these runs side by side, from their eval.json (evaluated first where missing)")
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.compare:
+        p.error("give --ckpt RUN or --compare RUN [RUN ...]")
+    for key in ("limit", "batch_size"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    shared_cache = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "tiktoken_cache")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(shared_cache):
+        os.environ["TIKTOKEN_CACHE_DIR"] = shared_cache   # offline machines: the tokenizer files staged there
+    try:
+        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        check_task_names(tasks)
+        if not args.online:   # a missing or malformed file fails now, not after loading a model and other tasks
+            for t in tasks:
+                load_items(t, args.data_root, limit=1)
+        if args.compare:
+            named = []
+            for run in args.compare:
+                path = os.path.join(run_folder(run), "eval.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        named.append((os.path.basename(os.path.normpath(run_folder(run))), json.load(f)))
+                else:
+                    checkpoint_file(run)
+                    named.append((os.path.basename(os.path.normpath(run_folder(run))),
+                                  evaluate_checkpoint(run, args, tasks)))
+            print(compare_table(named))
+        else:
+            evaluate_checkpoint(args.ckpt, args, tasks)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""
+Tests for eval.py / eval_tasks.py: the scorer picks what a model with known preferences prefers, the metrics
+differ where they should, batching/padding/truncation change nothing, every real task file parses into the
+documented rendering, a random model sits at chance, bits per byte is exact for a uniform model, and bad
+input ends in a one-line error.
+"""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+import torch.nn as nn
+
+import eval as nf_eval
+import eval_tasks
+from conftest import SHARED
+from model import GPT, GPTConfig
+
+EVAL_DATA = os.path.join(SHARED, "data", "evals")
+needs_data = pytest.mark.skipif(not os.path.isdir(EVAL_DATA), reason=f"shared eval data not found at {EVAL_DATA}")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return tiktoken.get_encoding("gpt2")
+
+
+class PreferenceStub(nn.Module):
+    """A model with the GPT forward signature whose next-token distribution we know exactly: uniform (all
+    logits 0) over `vocab` entries, except that after token a it puts logit `boost` on favourite[a].
+    `padding_bait` puts a huge logit on a vocabulary padding slot (id >= n_vocab) everywhere: the scorer must
+    slice the padding off, or every greedy test fails."""
+
+    def __init__(self, vocab, favourite=None, boost=30.0, padding_bait=None):
+        super().__init__()
+        fav = torch.full((vocab,), -1, dtype=torch.long)
+        for a, b in (favourite or {}).items():
+            fav[a] = b
+        self.register_buffer("fav", fav)
+        self.vocab, self.boost, self.padding_bait = vocab, boost, padding_bait
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.vocab)
+        f = self.fav[idx]
+        hit = f >= 0
+        logits[hit, f[hit]] = self.boost
+        if self.padding_bait is not None:
+            logits[:, :, self.padding_bait] = 100.0
+        return logits, None
+
+
+def one_token(enc, text):
+    ids = enc.encode_ordinary(text)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def tiny_gpt(block_size=256, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, vocab_size=50257,
+                    block_size=block_size)
+    return GPT(cfg).eval()
+
+
+# ---- multiple choice -------------------------------------------------------------------------------------------
+def test_forced_choice_picks_the_favoured_ending(enc):
+    # after the context's last word the stub favours one specific next word; that choice must win, wherever
+    # it sits among the choices, under all three rules, with padding slots baited
+    words = [" mat", " dog", " hat", " car"]
+    ctx_ends = [" the", " a", " my", " your", " our"]
+    fav, items = {}, []
+    for k, end in enumerate(ctx_ends):
+        gold = k % len(words)
+        fav[one_token(enc, end)] = one_token(enc, words[gold])
+        items.append({"pairs": [(f"The cat sat on{end}", w) for w in words], "gold": gold,
+                      "norm_texts": [w.strip() for w in words]})
+    stub = PreferenceStub(50304, fav, padding_bait=50300)
+    r = nf_eval.run_task(stub, enc, "hellaswag", items, block_size=32, device=CPU, batch_size=3)
+    assert r["acc"] == r["acc_norm"] == r["acc_token"] == 1.0
+    assert r["chance"] == 0.25 and r["n"] == 5
+    # and a stub with no preference at all cannot find them (equal one-token choices tie -> choice 0)
+    r0 = nf_eval.run_task(PreferenceStub(50304), enc, "hellaswag", items, block_size=32, device=CPU)
+    assert r0["acc"] == 2 / 5            # golds 0, 1, 2, 3, 0
+
+
+def test_acc_and_acc_norm_disagree_when_lengths_differ(enc):
+    # uniform model: log p(choice) = -k ln V for a k-token choice. acc prefers the fewest tokens; acc_norm
+    # (per character, lm-evaluation-harness) prefers the most characters per token; acc_token (llm.c: mean per
+    # token) sees a tie. Choice 1 is a long word of few tokens.
+    short, long_ = " cat", " internationalization"
+    k_short, k_long = len(enc.encode_ordinary(short)), len(enc.encode_ordinary(long_))
+    assert k_short == 1 and k_long > 1 and k_long / len(long_.strip()) < k_short / len(short.strip())
+    item = {"pairs": [("I saw a", short), ("I saw a", long_)], "gold": 1, "norm_texts": ["cat", "internationalization"]}
+    stub = PreferenceStub(enc.n_vocab)
+    r = nf_eval.run_task(stub, enc, "piqa", [item], block_size=32, device=CPU)
+    assert r["acc"] == 0.0 and r["acc_norm"] == 1.0 and r["acc_token"] == 0.0
+    scored = nf_eval.score_requests(stub, [(enc.encode_ordinary(c), enc.encode_ordinary(x)) for c, x in item["pairs"]],
+                                    32, enc.n_vocab, CPU)
+    np.testing.assert_allclose(scored["logprob"], [-k_short * math.log(enc.n_vocab), -k_long * math.log(enc.n_vocab)],
+                               rtol=1e-6)
+
+
+def test_batching_padding_and_truncation_change_nothing(enc):
+    # a real (random) GPT: one request at a time == batched with right padding == a hand-written reference;
+    # a context longer than the window is cut on the left and the continuation kept whole
+    model = tiny_gpt(block_size=64)
+    gen = torch.Generator().manual_seed(1)
+    reqs = [(torch.randint(0, 50257, (n_ctx,), generator=gen).tolist(),
+             torch.randint(0, 50257, (n_cont,), generator=gen).tolist())
+            for n_ctx, n_cont in [(1, 1), (5, 3), (17, 9), (40, 2), (3, 20), (63, 2), (64, 2), (200, 7)]]
+    one = nf_eval.score_requests(model, reqs, 64, 50257, CPU, batch_size=1)
+    many = nf_eval.score_requests(model, reqs, 64, 50257, CPU, batch_size=16, batch_tokens=10_000)
+    np.testing.assert_allclose(one["logprob"], many["logprob"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(one["greedy"], many["greedy"])
+    assert many["truncated"] == 2        # (63, 2) fits exactly (65 = 64 + 1); (64, 2) and (200, 7) do not
+    for (ctx, cont), got in zip(reqs, many["logprob"]):
+        seq = (ctx + cont)[-65:]         # what the window can hold: block_size + 1 tokens
+        n_ctx = len(seq) - len(cont)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0][0, :, :50257].double(), -1)
+        want = sum(logp[n_ctx - 1 + i, t].item() for i, t in enumerate(cont))
+        assert abs(got - want) < 1e-3
+    with pytest.raises(ValueError, match="longer than the context"):
+        nf_eval.score_requests(model, [([1], list(range(65)))], 64, 50257, CPU)
+
+
+# ---- the real task files ---------------------------------------------------------------------------------------
+MANIFEST_COUNTS = {"hellaswag": 10042, "arc_easy": 2376, "piqa": 1838, "boolq": 3270, "copa": 100,
+                   "commonsense_qa": 1221, "winogrande": 1267, "lambada_openai": 5153,
+                   "simple_arithmetic_nospaces": 1000, "simple_arithmetic_withspaces": 1000}
+
+
+@needs_data
+@pytest.mark.parametrize("name", list(eval_tasks.TASKS))
+def test_task_file_parses_into_the_documented_rendering(name):
+    items = eval_tasks.load_items(name, EVAL_DATA)
+    assert len(items) == MANIFEST_COUNTS[name]
+    kind = eval_tasks.TASKS[name].kind
+    for it in items[:5]:
+        if kind in ("choice", "schema"):
+            assert len(it["pairs"]) >= 2 and 0 <= it["gold"] < len(it["pairs"])
+            for ctx, cont in it["pairs"]:
+                assert ctx and ctx == ctx.rstrip() and cont.startswith(" ") and cont[1:].strip() == cont[1:]
+            assert len(it["norm_texts"]) == len(it["pairs"])
+        elif kind == "lm":
+            assert it["context"] == it["context"].rstrip() and it["continuation"].startswith(" ")
+        else:
+            assert it["answer"].strip().lstrip("-").isdigit()
+    first = items[0]
+    if name in ("arc_easy", "piqa"):
+        assert first["pairs"][0][0].startswith("Question: ") and first["pairs"][0][0].endswith("\nAnswer:")
+    if name == "boolq":
+        assert first["pairs"][0][0].startswith("Passage: ") and first["pairs"][0][0].endswith("?\nAnswer:")
+        assert [c for _, c in first["pairs"]] == [" no", " yes"]
+    if name == "commonsense_qa":
+        assert first["pairs"][0][0].endswith("\nAnswer:") and first["pairs"][0][1] == " A"
+    if name == "hellaswag":
+        assert first["pairs"][3] == ("A man is sitting on a roof. he", " starts pulling up roofing on a roof.")
+        assert first["gold"] == 3
+    if name == "winogrande":   # partial evaluation: two contexts, one shared continuation
+        (c0, x0), (c1, x1) = first["pairs"]
+        assert c0 != c1 and x0 == x1 == " always got the easier cases."
+    if name == "simple_arithmetic_nospaces":
+        assert first == {"context": "25-759=", "answer": "-734"}
+    if name == "simple_arithmetic_withspaces":
+        assert first == {"context": "25 - 759 =", "answer": " -734"}
+
+
+def test_hub_rows_convert_to_the_local_format():
+    # the online path's converters, on rows shaped like the hub datasets (no network here)
+    arc = eval_tasks.arc_from_hub({"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
+                                   "answerKey": "B"})
+    assert eval_tasks.query("\nAnswer:")(arc)["pairs"][1] == ("Question: Which?\nAnswer:", " y")
+    wino = eval_tasks.winogrande_from_hub({"sentence": "Sarah was better than Maria so _ got the easy cases.",
+                                           "option1": "Sarah", "option2": "Maria", "answer": "2"})
+    assert wino == {"context_options": ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"],
+                    "continuation": "got the easy cases.", "gold": 1}
+    copa = eval_tasks.copa_from_hub({"premise": "The man turned on the faucet.", "choice1": "The toilet filled.",
+                                     "choice2": "Water flowed.", "question": "effect", "label": 1})
+    assert copa == {"query": "The man turned on the faucet, therefore", "choices": ["the toilet filled.",
+                                                                                   "water flowed."], "gold": 1}
+    hs = eval_tasks.hellaswag_from_hub({"ctx": "Bake a cake. [title] Mix the  flour.", "endings": ["a [step] b"] * 4,
+                                        "label": "2"})
+    assert hs["ctx"] == "Bake a cake.. Mix the flour." and hs["endings"][0] == "a b" and hs["label"] == 2
+    assert eval_tasks.lambada_from_hub({"text": "he said hello"}) == {"context": "he said", "continuation": "hello"}
+
+
+# ---- a random model is at chance -------------------------------------------------------------------------------
+@needs_data
+@pytest.mark.parametrize("name,n", [("hellaswag", 160), ("piqa", 200)])
+def test_random_init_model_scores_near_chance(enc, name, n):
+    items = eval_tasks.load_items(name, EVAL_DATA, limit=n)
+    r = nf_eval.run_task(tiny_gpt(256), enc, name, items, block_size=256, device=CPU, batch_size=64,
+                         batch_tokens=4096)
+    se = math.sqrt(r["chance"] * (1 - r["chance"]) / n)
+    for metric in ("acc", "acc_norm", "acc_token"):
+        assert abs(r[metric] - r["chance"]) < 4 * se, (metric, r)
+
+
+# ---- LAMBADA and arithmetic ------------------------------------------------------------------------------------
+def test_lambada_greedy_match_and_perplexity(enc):
+    ctx, word = "I look at him and I don't care about", " signs"
+    last, w = enc.encode_ordinary(ctx)[-1], one_token(enc, word)
+    items = [{"context": ctx, "continuation": word}, {"context": ctx, "continuation": " dogs"}]
+    r = nf_eval.run_task(PreferenceStub(50304, {last: w}, padding_bait=50299), enc, "lambada_openai", items,
+                         block_size=64, device=CPU)
+    assert r["acc"] == 0.5
+    # item 1: log p ~ 0; item 2: " dogs" after the boosted word: -(30 + ln(e^30 + V - 1) - 30) ~ -30
+    lp_dogs = -math.log(math.exp(30) + enc.n_vocab - 1)
+    assert r["ppl"] == pytest.approx(math.exp(-(0 + lp_dogs) / 2), rel=1e-3)
+
+
+def test_arithmetic_exact_match_by_greedy_generation(enc):
+    eq, four, nl = one_token(enc, "="), one_token(enc, "4"), one_token(enc, "\n")
+    stub = PreferenceStub(50304, {eq: four, four: nl}, padding_bait=50303)
+    items = [{"context": "2+2=", "answer": "4"}, {"context": "2+3=", "answer": "5"},
+             {"context": "1+1+1+1=", "answer": "4"}]
+    r = nf_eval.run_task(stub, enc, "simple_arithmetic_nospaces", items, block_size=32, device=CPU, batch_size=2)
+    assert r["acc"] == pytest.approx(2 / 3) and r["examples"][0]["generated"].startswith("4\n")
+    assert nf_eval.answer_is_right(" -734. and", "-734") and nf_eval.answer_is_right("-734", " -734")
+    assert not nf_eval.answer_is_right("-7345", "-734") and not nf_eval.answer_is_right("x -734", "-734")
+
+
+# ---- bits per byte ---------------------------------------------------------------------------------------------
+def test_sliding_windows_score_every_token_once():
+    tokens = list(range(1000, 1000 + 137))
+    for block, stride in [(16, 16), (16, 5), (16, 1), (200, 100)]:
+        reqs = nf_eval.window_requests(tokens, block, stride)
+        scored = [t for _, cont in reqs for t in cont]
+        assert scored == tokens[1:]
+        for k, (ctx, cont) in enumerate(reqs):
+            assert len(ctx) + len(cont) <= block + 1
+            window = ctx + cont
+            assert window == list(range(window[0], window[0] + len(window)))   # a contiguous stretch
+            if k > 0:
+                assert len(ctx) >= block + 1 - stride
+
+
+def test_bpb_of_a_uniform_model_is_log2_vocab_times_tokens_per_byte(enc, tmp_path):
+    docs = ["Short one.", "A longer document, with ünïcödé bytes and numbers 12345. " * 12, "x" * 300]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokens = sum(len(enc.encode_ordinary(d)) for d in docs)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    want = math.log2(enc.n_vocab) * tokens / n_bytes
+    for stride in (32, 7):
+        b = nf_eval.bits_per_byte(PreferenceStub(50304, padding_bait=50257), enc, str(path), 32, CPU, stride)
+        assert b["tokens"] == tokens and b["bytes"] == n_bytes and b["bpb"] == pytest.approx(want, rel=1e-6)
+    txt = tmp_path / "doc.txt"
+    txt.write_text(docs[1])
+    b = nf_eval.bits_per_byte(PreferenceStub(enc.n_vocab), enc, str(txt), 32, CPU)
+    assert b["bpb"] == pytest.approx(math.log2(enc.n_vocab) * len(enc.encode_ordinary(docs[1])) / len(docs[1].encode()))
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+def save_tiny_checkpoint(folder, step, seed):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_hidden=64, block_size=64)
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"model": GPT(cfg).state_dict(), "config": {**dataclasses.asdict(cfg), "tokenizer": "gpt2"},
+                "step": step}, os.path.join(folder, "ckpt.pt"))
+
+
+@needs_data
+def test_cli_writes_eval_json_and_compares_runs(tmp_path, capsys):
+    a, b = str(tmp_path / "run_a"), str(tmp_path / "run_b")
+    save_tiny_checkpoint(a, 7, 0)
+    save_tiny_checkpoint(b, 9, 1)
+    text = tmp_path / "held_out.txt"
+    text.write_text("The mitochondria is the powerhouse of the cell. " * 20)
+    common = ["--tasks", "copa,winogrande,lambada_openai,simple_arithmetic_withspaces", "--limit", "4",
+              "--bpb_file", str(text), "--device", "cpu"]
+    nf_eval.main(["--ckpt", a] + common)
+    res = json.load(open(os.path.join(a, "eval.json")))
+    assert res["step"] == 7 and res["limit"] == 4 and set(res["tasks"]) == {"copa", "winogrande", "lambada_openai",
+                                                                             "simple_arithmetic_withspaces"}
+    assert res["tasks"]["copa"]["n"] == 4 and res["tasks"]["copa"]["chance"] == 0.5 and res["bpb"]["bpb"] > 0
+    out = capsys.readouterr().out
+    assert "acc_norm" in out and "bits per byte" in out
+    nf_eval.main(["--compare", a, b] + common)       # a: read from eval.json, b: evaluated now
+    out = capsys.readouterr().out
+    assert os.path.exists(os.path.join(b, "eval.json"))
+    header = [l for l in out.splitlines() if l.startswith("task") and "run_a" in l]
+    assert header and "run_b" in header[0]
+    assert any(l.startswith("step") and l.split()[-2:] == ["7", "9"] for l in out.splitlines())
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    def error_of(argv):
+        with pytest.raises(SystemExit) as e:
+            nf_eval.main(argv)
+        return str(e.value.code)
+    assert "no checkpoint at" in error_of(["--ckpt", str(tmp_path / "nope"), "--tasks", "copa", "--bpb_file", "none"])
+    msg = error_of(["--ckpt", str(tmp_path), "--tasks", "copa,hellaswagg"])
+    assert msg.startswith("error: unknown task(s) ['hellaswagg']") and "hellaswag" in msg
+    msg = error_of(["--ckpt", str(tmp_path), "--tasks", "copa", "--data_root", str(tmp_path)])
+    assert msg.startswith("error: copa: task file") and "not found" in msg and "--online" in msg
+    save_tiny_checkpoint(str(tmp_path / "run"), 1, 0)
+    msg = error_of(["--ckpt", str(tmp_path / "run"), "--tasks", "copa", "--limit", "2", "--bpb_file",
+                    str(tmp_path / "missing.jsonl"), "--data_root", EVAL_DATA])
+    assert "bits-per-byte file" in msg
+    bad = tmp_path / "bad"
+    (bad / "llm_foundry").mkdir(parents=True)
+    (bad / "llm_foundry" / "copa.jsonl").write_text('{"question": "no query field"}\n')
+    with pytest.raises(ValueError, match="item 0: not in the copa format"):
+        eval_tasks.load_items("copa", str(bad))
+
+
+# ---- GPU: bf16 autocast + Triton kernels agree with the CPU, and the full suite is fast -----------------------
+@pytest.mark.gpu
+def test_gpu_scores_match_cpu(enc):
+    model = tiny_gpt(block_size=256)
+    gen = torch.Generator().manual_seed(2)
+    reqs = [(torch.randint(0, 50257, (n,), generator=gen).tolist(),
+             torch.randint(0, 50257, (m,), generator=gen).tolist())
+            for n, m in [(3, 2), (50, 10), (130, 30), (255, 1), (300, 40)]]
+    cpu = nf_eval.score_requests(model, reqs, 256, 50257, CPU)
+    gpu = nf_eval.score_requests(model.cuda(), reqs, 256, 50257, torch.device("cuda"), batch_size=4)
+    # bf16 logits: ~0.01-0.05 nats per token
+    np.testing.assert_allclose(gpu["logprob"], cpu["logprob"], rtol=0.02, atol=0.1)
+
+
+@pytest.mark.gpu
+@needs_data
+def test_gpu_full_suite_speed(enc):
+    """Every task in full + bits per byte with a gpt2_124m-shaped model (random weights: timing only)."""
+    import time
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, ffn_hidden=2048, block_size=1024)
+    model = GPT(cfg).cuda().eval()
+    t0 = time.time()
+    res = nf_eval.evaluate(model, enc, list(eval_tasks.TASKS), 1024, torch.device("cuda"), EVAL_DATA,
+                           bpb_file=nf_eval.DEFAULT_BPB_FILE, batch_tokens=32768)
+    seconds = time.time() - t0
+    print(nf_eval.format_table(res))
+    print(f"full suite: {seconds:.1f} s on {torch.cuda.get_device_name()}")
+    assert res["tasks"]["hellaswag"]["n"] == 10042 and abs(res["tasks"]["hellaswag"]["acc"] - 0.25) < 0.03
+    assert seconds < 300
