@@ -39,7 +39,17 @@ import numpy as np
 from chat_format import FORMATS, ChatFormat, get_encoding
 from shards import write_shard
 
-SHARED_SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "sft")
+
+def shared_sft_dir():
+    """Where the offline SFT copies live: $NANOFORGE_SHARED, else ../shared beside the checkout, else ./shared."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    candidates = (os.environ.get("NANOFORGE_SHARED"), os.path.join(root, "..", "shared"), os.path.join(root, "shared"))
+    for shared in candidates:
+        if shared and os.path.isdir(os.path.join(shared, "data", "sft")):
+            return os.path.join(shared, "data", "sft")
+    return os.path.join(root, "..", "shared", "data", "sft")  # missing: the error below names this path
+
+
 PARCHMENT_DOLLY_CATEGORIES = ("closed_qa", "open_qa", "information_extraction")
 
 # Hub sources: alias -> (dataset, config, split, options). Options: categories (keep rows whose 'category' is one
@@ -54,7 +64,7 @@ HUB = {
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", None, "train_sft", {}),              # LRC's SFT set
     "rag": ("neural-bridge/rag-dataset-12000", None, "train", {}),                      # context, question, answer
 }
-# Offline copies (../shared/data/sft, see its MANIFEST.md): Dolly there has no category or context fields.
+# Offline copies (shared/data/sft, see its MANIFEST.md): Dolly there has no category or context fields.
 LOCAL = {
     "dolly_local": "dolly15k_partial/dolly15k_first6400_no_context.jsonl",
     "alpaca_gpt4_local": "alpaca_gpt4_demo/alpaca_en_demo.jsonl",
@@ -136,7 +146,7 @@ def load_source(spec, seed, categories=None):
         hub_name, config, split, options = HUB[name]
         rows = read_hub(hub_name, config, split)
     else:
-        paths = [os.path.join(SHARED_SFT, LOCAL[name])] if name in LOCAL else sorted(glob.glob(name))
+        paths = [os.path.join(shared_sft_dir(), LOCAL[name])] if name in LOCAL else sorted(glob.glob(name))
         if not paths or not all(os.path.isfile(p) for p in paths):
             raise FileNotFoundError(f"--source {name}: no such file, and not one of the hub aliases {sorted(HUB)} "
                                     f"or local aliases {sorted(LOCAL)}")
@@ -250,8 +260,7 @@ def main(argv=None):
     enc = get_encoding(args.tokenizer)
     fmt = ChatFormat(args.format, enc)
     vocab_size = fmt.vocab_size if args.layout == "pack" else max(fmt.vocab_size, fmt.ids["pad"] + 1)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if any(f.endswith(".bin") for f in os.listdir(args.out_dir)):
+    if os.path.isdir(args.out_dir) and any(f.endswith(".bin") for f in os.listdir(args.out_dir)):
         raise SystemExit(f"error: {args.out_dir} already holds shards; remove them or choose another --out_dir")
     categories = tuple(args.categories.split(",")) if args.categories else None
 
@@ -273,13 +282,14 @@ def main(argv=None):
             "vocab_size": vocab_size, "eot": enc.eot_token, "specials": {t: i for i, t in fmt.specials.items()},
             "layout": args.layout, "block_size": args.block_size, "seed": args.seed, "sources": sources,
             "shards": [], "dropped": {}}
+    os.makedirs(args.out_dir, exist_ok=True)
     index = 0
     for split, conversations in (("val", val), ("train", train)):
         rendered = render_all(conversations, args.format, args.tokenizer, args.workers, desc=split)
         kept, dropped = lay_out(rendered, args.layout, args.block_size, fmt.ids["pad"])
         meta["dropped"][split] = dropped
         n_tokens = sum(len(ids) for ids, _ in kept)
-        if n_tokens <= args.block_size:
+        if n_tokens + (args.layout == "pad") < args.block_size + 1:  # pad adds one token per shard, below
             raise SystemExit(f"error: the {split} split has {n_tokens} tokens, not enough for one window of "
                              f"block_size + 1 = {args.block_size + 1}: add data or raise --val_frac")
         groups = [kept] if split == "val" else shard_groups(kept, args.shard_size)

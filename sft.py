@@ -62,7 +62,10 @@ def checkpoint_config(cfg):
     if not os.path.isfile(src):
         raise FileNotFoundError(f"init_from='{cfg['init_from']}': no checkpoint at {src}")
     # mmap: read the small config without pulling the weights and optimizer state into memory
-    return torch.load(src, map_location="cpu", mmap=True, weights_only=False)["config"]
+    ckpt = torch.load(src, map_location="cpu", mmap=True, weights_only=False)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{src} is not a nanoforge checkpoint (no 'model' and 'config')")
+    return ckpt["config"]
 
 
 def prepare(cfg):

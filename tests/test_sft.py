@@ -78,6 +78,41 @@ def test_weights_categories_and_simplemath_balance(tmp_path):
         prepare_sft.load_source("no_such_file.jsonl", seed=0)
 
 
+def test_hub_sources_with_a_stand_in_for_load_dataset(monkeypatch):
+    """The hub path is real code even where the hub is unreachable: feed it rows shaped like the real sets."""
+    import datasets
+    fake = {
+        "Cleanlab/databricks-dolly-15k-cleaned": [
+            {"instruction": f"q{i}", "context": "passage" if i % 2 else "", "response": f"a{i}",
+             "category": ["closed_qa", "open_qa", "creative_writing", "information_extraction"][i % 4]}
+            for i in range(8)],
+        "ProCreations/SimpleMath": [{"problem": f"{i} {op} 2", "answer": i} for i in range(3000) for op in "+-*/"],
+        "HuggingFaceH4/ultrachat_200k": [{"prompt": "hi", "prompt_id": "0", "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+    }
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, split))
+        return fake[name]
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    _, convs, _, stats = prepare_sft.load_source("dolly_parchment", seed=0)
+    assert stats["rows"] == 8 and len(convs) == 6                  # creative_writing dropped (ParchmentLM's filter)
+    assert sum(m["role"] == "context" for c in convs for m in c) == 4   # rows 1, 3, 5, 7 have a passage
+    _, convs, _, _ = prepare_sft.load_source("simplemath", seed=0)
+    assert len(convs) == 4 * 2500                                  # 2,500 per operator
+    _, convs, _, _ = prepare_sft.load_source("ultrachat:0.5", seed=0)
+    assert convs[0][-1]["content"] == "hello"
+    assert calls == [("Cleanlab/databricks-dolly-15k-cleaned", "train"), ("ProCreations/SimpleMath", "train"),
+                     ("HuggingFaceH4/ultrachat_200k", "train_sft")]
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="offline, use a local file"):
+        prepare_sft.load_source("no_robots", seed=0)
+
+
 def test_pack_shards_masks_and_loader(tmp_path):
     out, meta = prepare(tmp_path, "--format", "alpaca", "--source", "alpaca_tiny_local", "--block_size", "64",
                         "--val_frac", "0.1")
