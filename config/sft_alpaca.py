@@ -19,4 +19,4 @@ weight_decay = 0.0
 batch_size = 16
 total_batch_tokens = 32768
 eval_interval = 50
-eval_iters = 10
+eval_iters = 3                      # 3 x 16 windows: about the whole ~40k-token validation split
