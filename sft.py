@@ -25,7 +25,6 @@ import sys
 import torch
 
 from configurator import configure, script_defaults
-from shards import list_shards, read_header
 from train import DEFAULTS as TRAIN_DEFAULTS
 from train import train
 
@@ -39,7 +38,7 @@ chat_format = ""                    # '' = the format the data was rendered with
 learning_rate = 5e-5
 min_lr = 5e-6
 lr_schedule = "cosine"
-warmup_frac = 0.03                  # > 0: warmup_iters = this fraction of the run's steps (needs epochs > 0)
+warmup_frac = 0.03                  # warmup over the first 3% of the steps
 epochs = 3.0                        # max_iters = epochs over the training tokens
 weight_decay = 0.0
 beta1 = 0.9
@@ -100,17 +99,6 @@ def prepare(cfg):
                          f"context is {model_cfg.block_size}: prepare again with --block_size "
                          f"{model_cfg.block_size}")
 
-    if cfg["warmup_frac"] > 0 and cfg["epochs"] > 0:
-        # the same arithmetic as train.py's epochs -> max_iters, done early to size the warmup
-        B = model_cfg.block_size
-        windows = sum((read_header(p)["n_tokens"] - 1) // B for p in list_shards(cfg["data_dir"], "train"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg["gradient_accumulation_steps"] > 0:
-            tokens_per_step = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * world * B
-        else:
-            tokens_per_step = cfg["total_batch_tokens"]
-        steps = max(1, int(cfg["epochs"] * windows * B / tokens_per_step))
-        cfg["warmup_iters"] = int(cfg["warmup_frac"] * steps)
     return cfg
 
 

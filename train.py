@@ -75,6 +75,7 @@ hess_interval = 10                  # Sophia: refresh the Hessian estimate every
 # learning-rate schedule: linear warmup, then 'cosine' | 'poly' | 'wsd' (warmup-stable-decay) | 'constant'
 lr_schedule = "cosine"
 warmup_iters = 700
+warmup_frac = 0.0                   # > 0: warmup_iters = this fraction of max_iters (handy with epochs)
 lr_decay_iters = 0                  # 0 = max_iters
 poly_power = 1.0                    # 'poly': lr falls as (1 - progress)^power
 wsd_decay_frac = 0.2                # 'wsd': the last 20% of steps decay linearly to min_lr
@@ -306,6 +307,8 @@ def train(cfg):
     tokens_per_step = grad_accum * rows_per_micro * cfg["block_size"]
     if cfg["epochs"] > 0:
         cfg["max_iters"] = max(1, int(cfg["epochs"] * train_data.n * cfg["block_size"] / tokens_per_step))
+    if cfg["warmup_frac"] > 0:
+        cfg["warmup_iters"] = int(cfg["warmup_frac"] * cfg["max_iters"])
     log(f"{world} process(es) on {device.type}, micro-batch {cfg['batch_size']} x {cfg['block_size']}, grad_accum "
         f"{grad_accum}: {tokens_per_step:,} tokens/step; {train_data.n_tokens:,} train tokens, "
         f"{cfg['max_iters']} steps = {cfg['max_iters'] * tokens_per_step / max(1, train_data.n_tokens):.2f} epochs")

@@ -194,10 +194,8 @@ def test_sft_refuses_mismatched_inputs(tmp_path):
         sft.prepare(sft_cfg(tmp_path, good, out))
     with pytest.raises(ValueError, match="fine-tunes a pretrained model"):
         sft.prepare(sft_cfg(chatml, "scratch", out))
-    cfg = sft.prepare(sft_cfg(chatml, good, out, "--epochs=2", "--warmup_frac=0.1", "--total_batch_tokens=512",
-                              "--batch_size=4"))
-    windows = sum((open_shard(p)[2]["n_tokens"] - 1) // 128 for p in list_shards(chatml, "train"))
-    assert cfg["chat_format"] == "chatml" and cfg["warmup_iters"] == int(0.1 * int(2 * windows * 128 / 512))
+    cfg = sft.prepare(sft_cfg(chatml, good, out))
+    assert cfg["chat_format"] == "chatml" and cfg["tokenizer"] == "gpt2"
 
 
 # ---- chat.py ------------------------------------------------------------------------------------------------
