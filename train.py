@@ -179,18 +179,14 @@ def make_optimizer(model, cfg, device):
     raise ValueError(f"optimizer='{cfg['optimizer']}': expected 'adamw' or 'sophia'")
 
 
-def refresh_hessian(model, raw_model, optimizer, train_data, step, grad_accum, rows_per_micro, rank, world, ddp,
-                    autocast, device, cfg):
+def refresh_hessian(raw_model, optimizer, micro_batches, grad_accum, label_seed, autocast, device, cfg):
     """Sophia's curvature estimate (Gauss-Newton-Bartlett): the gradient of the loss on labels *sampled from the
     model's own softmax*, squared, is an unbiased estimate of the Gauss-Newton diagonal. It uses the same
     micro-batches (so the same number of tokens, Sophia's bs) as the step just taken, scaled and clipped like an
     ordinary gradient. The labels depend only on (seed, step, rank): a resumed run draws the same ones."""
     from kernels.sophia import sampled_label_loss
-    label_gen = torch.Generator(device=device).manual_seed((cfg["seed"] * 1_000_003 + step) * world + rank)
-    for micro in range(grad_accum):
-        first = (step * grad_accum + micro) * rows_per_micro + rank * cfg["batch_size"]
-        x, y = train_data.batch(first, cfg["batch_size"], device)
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+    label_gen = torch.Generator(device=device).manual_seed(label_seed)
+    for model, x, y, sync in micro_batches:
         with sync:
             with autocast:
                 logits, _ = model(x)
@@ -374,6 +370,15 @@ def train(cfg):
         model.train()
         return (total[0] / total[1]).item()
 
+    def micro_batches(step):
+        """This rank's micro-batches of optimizer step `step`, each with the context to run its backward in:
+        DDP all-reduces gradients during backward, and only the last micro-step needs it (no_sync before)."""
+        for micro in range(grad_accum):
+            first = (step * grad_accum + micro) * rows_per_micro + rank * cfg["batch_size"]
+            x, y = train_data.batch(first, cfg["batch_size"], device)
+            sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+            yield model, x, y, sync
+
     # ---- Ctrl-C / SIGTERM: finish the step in flight, write a checkpoint, exit cleanly ----
     stop = {"signal": None}
 
@@ -396,11 +401,7 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                first = (step * grad_accum + micro) * rows_per_micro + rank * cfg["batch_size"]
-                x, y = train_data.batch(first, cfg["batch_size"], device)
-                # DDP all-reduces gradients during backward; only the last micro-step needs it
-                sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+            for _, x, y, sync in micro_batches(step):
                 with sync:
                     with autocast:
                         _, loss = model(x, y)
@@ -414,8 +415,8 @@ def train(cfg):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg["optimizer"] == "sophia" and step % cfg["hess_interval"] == cfg["hess_interval"] - 1:
-                refresh_hessian(model, raw_model, optimizer, train_data, step, grad_accum, rows_per_micro, rank,
-                                world, ddp, autocast, device, cfg)
+                refresh_hessian(raw_model, optimizer, micro_batches(step), grad_accum,
+                                (cfg["seed"] * 1_000_003 + step) * world + rank, autocast, device, cfg)
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             loss_f = loss_sum.item() / grad_accum  # also the sync point that makes the step time honest
