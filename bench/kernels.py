@@ -4,6 +4,10 @@ Benchmark: our Triton RMSNorm, RoPE and SwiGLU against their peers, forward and 
     python bench/kernels.py              # table + plot in bench/results/ (env BENCH_OUT); 1-2 minutes, mostly
                                          # torch.compile of the peers
     python bench/kernels.py --sweep      # also time alternative launch configs of our kernels (tuning data)
+    python bench/kernels.py --only rmsnorm,rope        # a subset of the cases
+    python bench/kernels.py --model      # (alone) a compiled GPT-2 124M training micro-step (fwd + bwd, bf16
+                                         # autocast) with our kernels and with the twins: ms per step and where
+                                         # the GPU time goes, by kernel family (kernels_model.md); ~20 s a spec
 
 Peers, all in this one run: the PyTorch eager twin, torch.compile of the twin, F.rms_norm (RMSNorm only) and
 Liger-Kernel when it imports (it is not a requirement: `pip install --no-deps liger-kernel` adds it).
@@ -20,10 +24,17 @@ and compared with the measured copy bandwidth of the same GPU (bench/common.copy
 median of CUDA-event timings with the L2 flushed before each repetition (bench/common.time_ms). Forward is
 timed as in training (inputs require grad, so autograd saves what backward needs); fwd+bwd is forward then
 torch.autograd.grad (no .grad accumulation, which would add a read-modify-write that is no part of the op).
+
+Two more columns separate the GPU from the host. `GPU ms` is the sum of the durations of the kernels one call
+launches (torch.profiler, L2 flushed before each call), i.e. the time if Python cost nothing; `host us` is the
+time Python takes to issue one call. An eager call whose host time exceeds its GPU time is host-bound: `ms`
+then measures Python, and under torch.compile or in a long training step (where the host runs ahead of the
+GPU) only `GPU ms` matters.
 """
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -137,8 +148,44 @@ def swiglu_packed_case(M, Fdim):
 # ----------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------
-def time_impl(fn, inputs, grads):
-    """(ms forward, ms forward + backward)."""
+_flush_buffer = None
+
+
+def gpu_ms(fn, reps=10):
+    """(device ms per call, {kernel name: ms per call}): the kernels fn() launches, from torch.profiler. The
+    L2 flush before each call is a bitwise_not over 256 MB, a kernel no implementation uses, left out of the sum."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=DEVICE)
+    fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(reps):
+            _flush_buffer.bitwise_not_()
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and "bitwise_not" not in e.name:
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / reps / 1000
+    return sum(per_kernel.values()), per_kernel
+
+
+def host_us(fn, reps=20):
+    """Microseconds of host time per call, the GPU left to run behind (no synchronisation inside the loop)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e6
+
+
+def calls(fn, inputs, grads):
+    """The two timed calls of one implementation: forward, and forward + backward."""
     def fwd():
         return fn(*inputs)
 
@@ -146,54 +193,77 @@ def time_impl(fn, inputs, grads):
         out = fn(*inputs)
         out = out if isinstance(out, tuple) else (out,)
         torch.autograd.grad(out, inputs, grads)
-
-    fwd_bwd()  # first call: compiles (Triton, torch.compile) outside the timed region
-    return time_ms(fwd), time_ms(fwd_bwd)
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def run_case(case, copy_gbs, rows, summary):
-    results = {}
+def impl_calls(case):
     for impl, fn in case["impls"].items():
         fn, inputs = fn if isinstance(fn, tuple) else (fn, case["inputs"])
+        yield impl, calls(fn, inputs, case["grads"])
+
+
+def measure_wall(case):
+    """Pass 1: wall ms and host us of every implementation (a peer that fails is reported, not fatal)."""
+    case["results"] = {}
+    for impl, passes in impl_calls(case):
         try:
-            results[impl] = time_impl(fn, inputs, case["grads"])
-        except Exception as e:  # a peer that fails is reported, not fatal
+            passes["fwd+bwd"]()  # first call: compiles (Triton, torch.compile) outside the timed region
+            case["results"][impl] = {p: [time_ms(f), host_us(f)] for p, f in passes.items()}
+        except Exception as e:
             print(f"  {case['name']} / {impl}: failed ({type(e).__name__}: {str(e)[:200]})")
-    for p, (pass_name, nbytes) in enumerate((("fwd", case["bytes_fwd"]), ("fwd+bwd", case["bytes_fb"]))):
-        peers = {k: v[p] for k, v in results.items() if k != "ours"}
+
+
+def measure_gpu(case):
+    """Pass 2, after every wall timing: the profiler (CUPTI) stays attached to the process once started and
+    slows every later launch on the host, so no wall time may be taken after it."""
+    for impl, passes in impl_calls(case):
+        if impl in case["results"]:
+            for p, f in passes.items():
+                case["results"][impl][p].append(gpu_ms(f)[0])
+
+
+def report(case, copy_gbs, rows, summary):
+    results = case["results"]
+    for pass_name, nbytes in (("fwd", case["bytes_fwd"]), ("fwd+bwd", case["bytes_fb"])):
+        peers = {k: v[pass_name][0] for k, v in results.items() if k != "ours"}
         best_peer = min(peers, key=peers.get) if peers else None
         for impl, times in results.items():
-            ms = times[p]
+            ms, host, dev_ms = times[pass_name]
             gbs = nbytes / (ms * 1e-3) / 1e9
             vs_best = peers[best_peer] / ms if best_peer else float("nan")  # > 1: faster than the best peer
-            rows.append([case["name"], pass_name, impl, ms, gbs, 100 * gbs / copy_gbs, vs_best])
+            rows.append([case["name"], pass_name, impl, ms, gbs, 100 * gbs / copy_gbs, vs_best, dev_ms,
+                         nbytes / (dev_ms * 1e-3) / 1e9, host])
         if "ours" in results and best_peer:
-            ours = results["ours"][p]
-            summary[(case["name"], pass_name)] = dict(ours_gbs=nbytes / (ours * 1e-3) / 1e9,
-                                                      peers={k: nbytes / (v * 1e-3) / 1e9 for k, v in peers.items()})
+            ours, host, dev_ms = results["ours"][pass_name]
+            summary[(case["name"], pass_name)] = dict(
+                ours_gbs=nbytes / (ours * 1e-3) / 1e9, ours_gpu_gbs=nbytes / (dev_ms * 1e-3) / 1e9,
+                peers={k: nbytes / (v * 1e-3) / 1e9 for k, v in peers.items()},
+                peers_gpu={k: nbytes / (v[pass_name][2] * 1e-3) / 1e9 for k, v in results.items() if k != "ours"})
             print(f"  {case['name']:<40} {pass_name:<8} ours {ours:.3f} ms = "
-                  f"{nbytes / (ours * 1e-3) / 1e9:6.0f} GB/s; best peer {best_peer} {peers[best_peer]:.3f} ms: "
-                  f"ours is {peers[best_peer] / ours:.2f}x")
+                  f"{nbytes / (ours * 1e-3) / 1e9:6.0f} GB/s (GPU {dev_ms:.3f} ms, host {host:.0f} us); best peer "
+                  f"{best_peer} {peers[best_peer]:.3f} ms: ours is {peers[best_peer] / ours:.2f}x")
 
 
 def check_targets(summary, copy_gbs):
-    """The issue's targets (H100, bf16, forward + backward)."""
+    """The issue's targets (bf16, forward + backward), on the wall time of eager calls and on device time."""
     lines = []
 
-    def target(key, goal_gbs, what):
+    def target(key, goal_gbs, goal_gpu_gbs, what):
         if key not in summary:
             return
-        got = summary[key]["ours_gbs"]
-        ok = "MET" if got >= goal_gbs else "MISSED"
-        lines.append(f"- {key[0]} {key[1]}: {got:.0f} GB/s vs target {goal_gbs:.0f} ({what}): {ok}")
+        got, got_gpu = summary[key]["ours_gbs"], summary[key]["ours_gpu_gbs"]
+        lines.append(f"- {key[0]} {key[1]} ({what}): wall {got:.0f} GB/s vs {goal_gbs:.0f}: "
+                     f"{'MET' if got >= goal_gbs else 'MISSED'}; GPU time {got_gpu:.0f} GB/s vs {goal_gpu_gbs:.0f}: "
+                     f"{'MET' if got_gpu >= goal_gpu_gbs else 'MISSED'}")
 
-    target(("RMSNorm 16384x4096", "fwd+bwd"), 0.85 * copy_gbs, "85% of copy")
-    target(("RMSNorm 16384x2048", "fwd+bwd"), 0.80 * copy_gbs, "80% of copy")
+    target(("RMSNorm 16384x4096", "fwd+bwd"), 0.85 * copy_gbs, 0.85 * copy_gbs, "85% of copy")
+    target(("RMSNorm 16384x2048", "fwd+bwd"), 0.80 * copy_gbs, 0.80 * copy_gbs, "80% of copy")
     for key, s in summary.items():
         if key[0].startswith("RoPE") and key[1] == "fwd+bwd" and "compile twin" in s["peers"]:
-            target(key, s["peers"]["compile twin"], "torch.compile")
+            target(key, s["peers"]["compile twin"], s["peers_gpu"]["compile twin"], "torch.compile")
         if key[0].startswith("SwiGLU") and key[1] == "fwd+bwd" and "compile twin" in s["peers"]:
-            target(key, 0.95 * s["peers"]["compile twin"], "95% of torch.compile")
+            target(key, 0.95 * s["peers"]["compile twin"], 0.95 * s["peers_gpu"]["compile twin"],
+                   "95% of torch.compile")
     return lines
 
 
@@ -211,11 +281,14 @@ def plot(rows, copy_gbs, path):
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
         vals = [next((r[4] for r in rows if (r[0], r[1]) == g and r[2] == impl), 0) for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=impl)
+        gpu_vals = [next((r[8] for r in rows if (r[0], r[1]) == g and r[2] == impl), 0) for g in groups]
+        xs = [j + i * width for j in range(len(groups))]
+        ax.bar(xs, vals, width, label=impl)
+        ax.scatter(xs, gpu_vals, marker="_", color="k", s=60, zorder=3, label="GPU time alone" if i == 0 else None)
     ax.axhline(copy_gbs, color="k", ls="--", lw=1, label=f"copy {copy_gbs:.0f} GB/s")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{g[0]}\n{g[1]}".replace(" ", "\n", 1) for g in groups], fontsize=7)
-    ax.set_ylabel("GB/s (minimum traffic / time)")
+    ax.set_ylabel("GB/s (minimum traffic / wall time of an eager call)")
     ax.set_title(f"nanoforge kernels, bf16, {gpu_name()}")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -224,93 +297,210 @@ def plot(rows, copy_gbs, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --sweep: alternative launch configs of our kernels, for tuning (the fixed rules live in kernels/*.py)
+# --sweep: alternative launch configs of our kernels, for tuning (the fixed rules live in kernels/*.py).
+# Device time only (gpu_ms): the launches are called directly, no autograd, no host overhead in the number.
 # ----------------------------------------------------------------------------------------------------------
-SWEEP_SHAPES = dict(rmsnorm=((16384, 4096), (16384, 2048)), swiglu=(16384, 8192), rope=(8, 32, 8, 2048, 128))
+# (M, N, x dtype, dy dtype): the benchmark's bf16 shapes and GPT-2 124M's under autocast (fp32 x, bf16 dy)
+SWEEP_RMSNORM = ((16384, 4096, torch.bfloat16, torch.bfloat16), (16384, 2048, torch.bfloat16, torch.bfloat16),
+                 (16384, 768, torch.float32, torch.bfloat16))
+SWEEP_ROPE = ((8, 32, 8, 2048, 128), (16, 12, 12, 1024, 64))  # B, Hq, Hkv, T, D
+SWEEP_SWIGLU = (16384, 8192)
+
+
+def _kernel_summary(per_kernel):
+    return ", ".join(f"{name.split('(')[0][:28]} {ms:.3f}" for name, ms in
+                     sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
 def sweep():
-    print("\n--sweep: our kernels under other launch configs (ms; the default config first)")
+    print("\n--sweep: our kernels under other launch configs (device ms from the profiler; default config first)")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for M, N in SWEEP_SHAPES["rmsnorm"]:
-        x = torch.randn(M, N, device=DEVICE, dtype=DTYPE)
-        w = torch.randn(N, device=DEVICE, dtype=DTYPE)
-        dy = torch.randn_like(x)
+    for M, N, xdt, dydt in SWEEP_RMSNORM:
+        x = torch.randn(M, N, device=DEVICE, dtype=xdt)
+        w = torch.randn(N, device=DEVICE, dtype=torch.float32 if xdt == torch.float32 else xdt)
+        dy = torch.randn(M, N, device=DEVICE, dtype=dydt)
+        fwd_bytes = M * N * (x.element_size() + dy.element_size())       # read x, write y (in dy's dtype)
+        bwd_bytes = M * N * (2 * x.element_size() + dy.element_size())   # read x, dy, write dx
         default_fwd, default_bwd = rms._fwd_config, rms._bwd_config
-        for BM, nw in [default_fwd(M, N)[::2], (1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16)]:
+        tag = f"{M}x{N} x {str(xdt)[6:]} y/dy {str(dydt)[6:]}"
+        for BM, nw in [default_fwd(M, N)[::2], (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16)]:
             rms._fwd_config = lambda M_, N_, BM=BM, nw=nw: (BM, triton_next_pow2(N_), nw)
-            ms = time_ms(lambda: rms._rmsnorm_fwd(x, w, EPS))
-            print(f"  rmsnorm fwd {M}x{N} BLOCK_M={BM} warps={nw}: {ms:.3f} ms {4 * M * N / ms / 1e6:.0f} GB/s")
+            ms, _ = gpu_ms(lambda: rms._forward(x, w, EPS, dydt))
+            print(f"  rmsnorm fwd {tag} BLOCK_M={BM} warps={nw}: {ms:.4f} ms {fwd_bytes / ms / 1e6:.0f} GB/s")
         rms._fwd_config = default_fwd
-        _, rstd = rms._rmsnorm_fwd(x, w, EPS)
+        _, rstd = rms._forward(x, w, EPS, dydt)
         BM0, _, nw0, G0 = default_bwd(M, N, 0)
-        for BM, nw, per_sm in [(BM0, nw0, G0 / sms), (1, 8, 1), (1, 8, 2), (1, 16, 1), (2, 8, 1), (2, 16, 1),
-                               (2, 16, 2), (4, 16, 1), (1, 4, 4)]:
+        for BM, nw, per_sm in [(BM0, nw0, G0 / sms), (1, 4, 4), (1, 8, 2), (2, 4, 4), (2, 8, 2), (2, 16, 1),
+                               (4, 8, 2), (4, 16, 1), (8, 16, 1)]:
+            if BM * triton_next_pow2(N) > 32768:
+                continue
             rms._bwd_config = lambda M_, N_, d, BM=BM, nw=nw, per_sm=per_sm: (
                 BM, triton_next_pow2(N_), nw, max(1, min(int(per_sm * sms), -(-M_ // BM))))
-            ms = time_ms(lambda: rms._rmsnorm_bwd(dy, x, w, rstd))
-            print(f"  rmsnorm bwd {M}x{N} BLOCK_M={BM} warps={nw} programs/SM={per_sm:.2f}: {ms:.3f} ms "
-                  f"{6 * M * N / ms / 1e6:.0f} GB/s")
+            ms, per_kernel = gpu_ms(lambda: rms._backward(dy, x, w, rstd))
+            print(f"  rmsnorm bwd {tag} BLOCK_M={BM} warps={nw} programs/SM={per_sm:.2f}: {ms:.4f} ms "
+                  f"{bwd_bytes / ms / 1e6:.0f} GB/s  [{_kernel_summary(per_kernel)}]")
         rms._bwd_config = default_bwd
-    M, Fdim = SWEEP_SHAPES["swiglu"]
+    M, Fdim = SWEEP_SWIGLU
     ab = torch.randn(M, 2 * Fdim, device=DEVICE, dtype=DTYPE)
     dc = torch.randn(M, Fdim, device=DEVICE, dtype=DTYPE)
-    default = swi._grid_config
-    for BM, BF, nw in [(None, None, None), (1, 1024, 4), (4, 1024, 4), (4, 1024, 8), (1, 2048, 8), (8, 1024, 8),
-                       (2, 512, 4)]:
-        if BM is not None:
-            swi._grid_config = lambda M_, F_, BM=BM, BF=BF, nw=nw: (
-                (-(-M_ // BM) * -(-F_ // BF),), dict(BLOCK_M=BM, BLOCK_F=BF, num_warps=nw))
-        f = time_ms(lambda: swi._swiglu_packed_fwd(ab))
-        b = time_ms(lambda: swi._swiglu_packed_bwd(dc, ab))
-        print(f"  swiglu packed {M}x2*{Fdim} tile={BM or 'default'}x{BF or ''} warps={nw or ''}: fwd {f:.3f} ms "
-              f"{6 * M * Fdim / f / 1e6:.0f} GB/s, bwd {b:.3f} ms {10 * M * Fdim / b / 1e6:.0f} GB/s")
-        swi._grid_config = default
-    B, Hq, Hkv, T, D = SWEEP_SHAPES["rope"]
-    q = torch.randn(B, T, Hq, D, device=DEVICE, dtype=DTYPE)
-    k = torch.randn(B, T, Hkv, D, device=DEVICE, dtype=DTYPE)
-    cos, sin = rope.rope_tables(D, T, 10000.0, device=DEVICE)
-    default = rope._config
-    for cap, nw in [(None, None), (1024, 4), (2048, 4), (4096, 8), (4096, 16), (1024, 2)]:
-        if cap is not None:
-            rope._config = lambda Hq_, Hkv_, D_, cap=cap, nw=nw: (
-                min(triton_next_pow2(Hq_), max(1, cap // triton_next_pow2(D_ // 2))),
-                min(triton_next_pow2(Hkv_), max(1, cap // triton_next_pow2(D_ // 2))), triton_next_pow2(D_ // 2), nw)
-        ms = time_ms(lambda: rope._rope(q, k, cos, sin, False))
+    f, _ = gpu_ms(lambda: swi._swiglu_packed_fwd(ab))
+    b, _ = gpu_ms(lambda: swi._swiglu_packed_bwd(dc, ab))
+    print(f"  swiglu packed {M}x2*{Fdim} default: fwd {f:.3f} ms {6 * M * Fdim / f / 1e6:.0f} GB/s, "
+          f"bwd {b:.3f} ms {10 * M * Fdim / b / 1e6:.0f} GB/s")
+    for B, Hq, Hkv, T, D in SWEEP_ROPE:
+        qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEVICE, dtype=DTYPE)
+        q = qkv[..., :Hq * D].view(B, T, Hq, D)
+        k = qkv[..., Hq * D:(Hq + Hkv) * D].view(B, T, Hkv, D)
+        # gradients as attention hands them back: (B, H, T, D) storage seen as (B, T, H, D)
+        dq = torch.randn(B, Hq, T, D, device=DEVICE, dtype=DTYPE).transpose(1, 2)
+        dk = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=DTYPE).transpose(1, 2)
+        cos, sin = rope.rope_tables(D, T, 10000.0, device=DEVICE)
         nbytes = 2 * (q.numel() + k.numel()) * 2
-        print(f"  rope fwd cap={cap or 'default'} warps={nw or ''}: {ms:.3f} ms {nbytes / ms / 1e6:.0f} GB/s")
-        rope._config = default
+        default = rope._config
+        for cap, nw in [(None, None), (1024, 2), (2048, 4), (2048, 8), (4096, 8)]:
+            if cap is not None:
+                rope._config = lambda Hq_, Hkv_, D_, cap=cap, nw=nw: (
+                    min(triton_next_pow2(Hq_), max(1, cap // triton_next_pow2(D_ // 2))),
+                    min(triton_next_pow2(Hkv_), max(1, cap // triton_next_pow2(D_ // 2))),
+                    triton_next_pow2(D_ // 2), nw)
+            f, _ = gpu_ms(lambda: rope._launch(q, k, cos, sin, False))
+            b, _ = gpu_ms(lambda: rope._launch(dq, dk, cos, sin, True))
+            print(f"  rope B{B} T{T} H{Hq}/{Hkv} D{D} cap={cap or 'default'} warps={nw or ''}: fwd {f:.4f} ms "
+                  f"{nbytes / f / 1e6:.0f} GB/s, bwd {b:.4f} ms {nbytes / b / 1e6:.0f} GB/s")
+            rope._config = default
 
 
 def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --model: where a compiled training micro-step spends its GPU time, with our kernels and with the twins
+# ----------------------------------------------------------------------------------------------------------
+FAMILIES = (  # (family, substrings of kernel names), first match wins
+    ("ours: rmsnorm", ("_rmsnorm_", "_dw_reduce")), ("ours: rope", ("_rope_kernel",)),
+    ("ours: swiglu", ("_swiglu_",)), ("ours: attention", ("_attn_", "_bwd_delta")),
+    ("matmul (cuBLAS/CUTLASS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "xmma")),
+    ("SDPA (flash/cuDNN)", ("flash", "fmha", "cudnn")),
+    ("inductor-generated Triton", ("triton_",)),
+)
+
+
+def family(name):
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k.lower() in low for k in keys):
+            return fam
+    return "other (ATen elementwise, copies, ...)"
+
+
+def model_step(n_layer, specs, profile_specs):
+    """GPT-2 124M (gpt2_124m preset, n_layer blocks), micro-batch 16 x 1024, bf16 autocast, torch.compile:
+    one forward + backward per step (gradients accumulate, as in train.py's micro-steps)."""
+    from model import GPT, GPTConfig
+    cfg = GPTConfig(n_layer=n_layer, n_embd=768, n_head=12, n_kv_head=12, ffn_hidden=2048, mlp="swiglu",
+                    pos="rope", vocab_size=50257, vocab_pad_multiple=64, block_size=1024)
+    B, T = 16, 1024
+    torch.manual_seed(0)
+    model = GPT(cfg).to(DEVICE)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), device=DEVICE)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), device=DEVICE)
+    rows, breakdown = [], {}
+    print(f"\n--model: GPT-2 124M shapes, {n_layer} layers, micro-batch {B}x{T}, bf16 autocast, torch.compile")
+
+    def compiled_step(spec):
+        set_backend(spec)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = compiled(idx, targets)
+            loss.backward()
+        t0 = time.time()
+        step()
+        step()
+        torch.cuda.synchronize()
+        return step, time.time() - t0
+
+    for spec in specs:  # pass 1: wall times only (see measure_gpu: no profiler before the last wall time)
+        step, compile_s = compiled_step(spec)
+        ms = time_ms(step, reps=10, warmup=2, flush_l2=False)
+        rows.append([spec, ms, B * T / ms * 1e3, float("nan"), compile_s])
+        print(f"  kernels={spec:<28} {ms:8.2f} ms/step  {B * T / ms * 1e3:9.0f} tok/s  "
+              f"(compile + 2 steps {compile_s:.0f} s)", flush=True)
+    for spec in profile_specs:  # pass 2: device time, by kernel family
+        step, _ = compiled_step(spec)
+        dev_ms, per_kernel = gpu_ms(step, reps=3)
+        fams = {}
+        for name, k_ms in per_kernel.items():
+            fams[family(name)] = fams.get(family(name), 0.0) + k_ms
+        breakdown[spec] = fams
+        for row in rows:
+            if row[0] == spec:
+                row[3] = dev_ms
+        top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+        print(f"  [{spec}] GPU {dev_ms:.2f} ms/step; top kernels (ms per step): "
+              + "; ".join(f"{n[:70]} {v:.3f}" for n, v in top), flush=True)
+    set_backend("triton")
+    fam_names = sorted({f for fams in breakdown.values() for f in fams})
+    fam_rows = [[f] + [breakdown[s].get(f, 0.0) for s in breakdown] for f in fam_names]
+    notes = (f"GPT-2 124M shapes ({n_layer} layers, d 768, 12 heads, SwiGLU 2048, RoPE), micro-batch {B}x{T}, bf16 "
+             f"autocast, torch.compile (default mode), forward + backward per step, no optimizer. `kernels` is the "
+             f"NANOFORGE_KERNELS spec. GPU ms: sum of kernel durations (profiler).\n\n"
+             + "\n".join(f"- {r[0]}: {r[1]:.2f} ms/step, {r[2]:.0f} tok/s" for r in rows)
+             + "\n\nGPU ms per step by kernel family:\n\n| family | " + " | ".join(breakdown) + " |\n|"
+             + "---|" * (1 + len(breakdown)) + "\n"
+             + "\n".join("| " + " | ".join([r[0]] + [f"{v:.3f}" for v in r[1:]]) + " |" for r in fam_rows))
+    write_results("kernels_model", ["kernels", "ms/step", "tok/s", "GPU ms/step", "compile s"], rows, notes)
+
+
+CASES = dict(rmsnorm=((rmsnorm_case, (16384, 4096)), (rmsnorm_case, (16384, 2048))),
+             rope=((rope_case, (8, 32, 8, 2048, 128)),),
+             swiglu=((swiglu_case, (16384, 8192)), (swiglu_packed_case, (16384, 8192))))
+MODEL_SPECS = "torch;auto;auto,rmsnorm=torch;auto,rope=torch;auto,swiglu=torch;auto,attention=torch"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
+    parser.add_argument("--only", default="rmsnorm,rope,swiglu", help="comma-separated subset of the cases")
+    parser.add_argument("--no_table", action="store_true", help="skip the peer table (with --sweep / --model)")
+    parser.add_argument("--model", action="store_true",
+                        help="(alone) time a compiled GPT-2 124M micro-step per kernels spec")
+    parser.add_argument("--model_layers", type=int, default=12)
+    parser.add_argument("--model_specs", default=MODEL_SPECS, help="';'-separated NANOFORGE_KERNELS specs")
+    parser.add_argument("--model_profile", default="torch;auto", help="';'-separated specs to profile by family")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
+    if args.model:  # alone in its process: a profiler run before it would slow its wall times (measure_gpu)
+        return model_step(args.model_layers, args.model_specs.split(";"), args.model_profile.split(";"))
     set_backend("triton")  # 'ours' is the Triton path, whatever NANOFORGE_KERNELS says
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"{gpu_name()}: copy bandwidth {copy_gbs:.0f} GB/s")
-    rows, summary = [], {}
-    for make, shape in ((rmsnorm_case, (16384, 4096)), (rmsnorm_case, (16384, 2048)),
-                        (rope_case, (8, 32, 8, 2048, 128)), (swiglu_case, (16384, 8192)),
-                        (swiglu_packed_case, (16384, 8192))):
-        case = make(*shape)
-        run_case(case, copy_gbs, rows, summary)
-        del case
+    if not args.no_table:
+        copy_gbs = copy_bandwidth_gbs()
+        print(f"{gpu_name()}: copy bandwidth {copy_gbs:.0f} GB/s")
+        rows, summary = [], {}
+        cases = [make(*shape) for name in args.only.split(",") for make, shape in CASES[name]]
+        for case in cases:
+            measure_wall(case)
+        for case in cases:
+            measure_gpu(case)
+            report(case, copy_gbs, rows, summary)
+        del cases
         torch.cuda.empty_cache()
-    targets = check_targets(summary, copy_gbs)
-    notes = (f"bf16. Copy bandwidth {copy_gbs:.0f} GB/s. GB/s counts the minimum traffic (RMSNorm 2 / 5 elements "
-             f"per element fwd / fwd+bwd, RoPE 2 / 4 per q and k element, SwiGLU 3 / 8 per output element); "
-             f"'vs best peer' = best peer's time / this time (> 1: faster than every peer). Liger's RoPE runs on "
-             f"contiguous q, k (it needs them); everyone else reads q, k as strided views of a fused qkv.\n\n"
-             f"Targets (fwd+bwd):\n" + "\n".join(targets))
-    write_results("kernels", ["case", "pass", "impl", "ms", "GB/s", "% of copy", "vs best peer"], rows, notes)
-    plot(rows, copy_gbs, os.path.join(RESULTS_DIR, "kernels.png"))
+        targets = check_targets(summary, copy_gbs)
+        notes = (f"bf16. Copy bandwidth {copy_gbs:.0f} GB/s. GB/s counts the minimum traffic (RMSNorm 2 / 5 elements "
+                 f"per element fwd / fwd+bwd, RoPE 2 / 4 per q and k element, SwiGLU 3 / 8 per output element); "
+                 f"'vs best peer' = best peer's time / this time (> 1: faster than every peer). Liger's RoPE runs "
+                 f"on contiguous q, k (it needs them); everyone else reads q, k as strided views of a fused qkv. "
+                 f"ms, GB/s, % of copy and vs best peer are wall times of eager calls (CUDA events, L2 flushed, "
+                 f"host time included where the GPU waits for Python); GPU ms and GPU GB/s count the kernels' "
+                 f"device time alone (profiler), host us is the Python time per call.\n\n"
+                 f"Targets (fwd+bwd):\n" + "\n".join(targets))
+        write_results("kernels", ["case", "pass", "impl", "ms", "GB/s", "% of copy", "vs best peer", "GPU ms",
+                                  "GPU GB/s", "host us"], rows, notes)
+        plot(rows, copy_gbs, os.path.join(RESULTS_DIR, "kernels.png"))
     if args.sweep:
         sweep()
 

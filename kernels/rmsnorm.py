@@ -23,13 +23,15 @@ How the kernels are laid out, and why:
     >= N, so a whole row sits in registers and x is read exactly once. Small N get several rows per tile so
     that every program still moves a few KB (a 128-wide row alone would leave the GPU waiting on latency).
   * Backward: dw sums over all rows. Atomics would make it non-deterministic, and one program per row would
-    need an (M, N) buffer of partial products. Instead the grid is *persistent*: about 2 programs per SM,
+    need an (M, N) buffer of partial products. Instead the grid is *persistent*: a few programs per SM,
     each looping over rows pid, pid + G, pid + 2G, ... and keeping its own fp32 dw partial in registers.
-    Each program writes one partial row of a (G, N) fp32 buffer; a tiny second kernel sums the G partials
-    in a fixed order and casts to w's dtype. Same inputs, same G (it depends only on the GPU and the
-    shape) -> bitwise the same dw, every run. A persistent loop has one weakness: while a program reduces
-    its current rows, it has no loads in flight. So it is software-pipelined by hand: each iteration first
-    issues the loads of its *next* rows, then computes on the current ones.
+    Each program writes one partial row of a (G, N) fp32 buffer; a small second kernel sums the G partials
+    in a fixed order (each of its programs owns a strip of columns and reads the partials in [128, 32]
+    tiles, so it costs a few microseconds, not G memory latencies in a row) and casts to w's dtype. Same
+    inputs, same G (it depends only on the GPU and the shape) -> bitwise the same dw, every run. A
+    persistent loop has one weakness: while a program reduces its current rows, it has no loads in flight.
+    So it is software-pipelined by hand: each iteration first issues the loads of its *next* rows, then
+    computes on the current ones.
   * Row offsets are computed in int64: row * stride overflows int32 beyond 2^31 elements.
   * Strides: the kernels take the stride between rows, so a view whose last dimension is contiguous (a
     slice of a bigger activation, a transposed batch that still flattens) is read in place. Anything else
@@ -37,10 +39,13 @@ How the kernels are laid out, and why:
     reshape/contiguous: a clear rule rather than a silent slow path inside the kernel.
   * Rows up to 65536 wide (a row must fit in registers); wider rows are refused with a clear error.
 
+Output dtype: y is in x's dtype, except under autocast, where it is the autocast dtype (output_dtype() says
+why: the consumers are matmuls that would cast it anyway, so writing bf16 directly saves traffic).
+
 torch.compile: the kernels are wrapped as torch.library custom ops (nanoforge::rmsnorm_fwd / _bwd) with a
 fake (shape-only) implementation and a registered backward, so the compiler keeps them as opaque calls
-inside one graph instead of breaking the graph at a Triton launch. register_autograd plays the role of a
-torch.autograd.Function: setup_context saves (x, w, rstd), backward calls the backward op.
+inside one graph instead of breaking the graph at a Triton launch. Eager calls skip that machinery and use a
+plain torch.autograd.Function around the same launches (the comment above _RMSNorm says why).
 """
 import functools
 
@@ -61,11 +66,11 @@ MAX_N = 65536
 # ----------------------------------------------------------------------------------------------------------
 def rmsnorm_torch(x, weight, eps):
     """The twin: statistics in fp32 (fp64 for fp64 input, so it can serve as the reference), output in x's
-    dtype."""
+    dtype, or in the autocast dtype under autocast (output_dtype below)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(compute)).to(x.dtype)
+    return (y * weight.to(compute)).to(output_dtype(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,14 +138,20 @@ if HAS_TRITON:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
     @triton.jit
-    def _dw_reduce_kernel(DW_PARTIAL, DW, G, N, BLOCK_N: tl.constexpr):
-        # second stage of the two-stage reduction: dw[j] = sum_p partial[p, j], p in order 0..G-1
+    def _dw_reduce_kernel(DW_PARTIAL, DW, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+        # second stage of the two-stage reduction: dw[j] = sum_p partial[p, j]. A program owns BLOCK_N columns
+        # and reads the G partial rows BLOCK_G at a time, so each load is a whole [BLOCK_G, BLOCK_N] tile:
+        # a loop of G single-row loads would wait out one memory latency per row (hundreds of microseconds
+        # for G ~ 264, more than the backward kernel itself). The order of the additions is fixed (lane-wise
+        # over the tiles, then tl.sum's tree), so dw is still bitwise reproducible.
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for p in range(0, G):
-            acc += tl.load(DW_PARTIAL + p * N + cols, mask=col_ok, other=0.0)
-        tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_ok)
+        acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            g = g0 + tl.arange(0, BLOCK_G)
+            mask = (g < G)[:, None] & col_ok[None, :]
+            acc += tl.load(DW_PARTIAL + g[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,14 +174,17 @@ def _fwd_config(M, N):
 
 
 def _bwd_config(M, N, device_index):
-    """(BLOCK_M, BLOCK_N, num_warps, G): tiles of ~4K elements and 8 warps as in the forward (a program
-    holds x, dy, the next tile's x and dy, w and its dw partial in registers: ~16 fp32 values of each per
-    thread, so two programs should fit one SM), G = 2 programs per SM, fewer when there are not that many
-    tiles. `python bench/kernels.py --sweep` times the alternatives on a real GPU."""
+    """(BLOCK_M, BLOCK_N, num_warps, G). Measured on an H200 (bench/kernels.py --sweep, N = 768 / 2048 / 4096,
+    bf16 and fp32 x): the best configs all give a thread 16 elements of the tile and an SM 16 warps of
+    resident programs, with tiles as small as a row allows (>= 2048 elements). So: tiles of max(N, 2048)
+    elements, BLOCK_M * BLOCK_N / 512 warps (16 elements a thread), G = 16 / num_warps programs per SM.
+    A program holds x, dy, the next tile's x and dy, w and its dw partial in registers; 16 resident warps
+    leave each thread up to 128 registers, enough for those 16-element slices without spilling."""
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 4096 // BLOCK_N))
+    BLOCK_M = min(triton.next_power_of_2(max(M, 1)), max(1, 2048 // BLOCK_N))
     num_warps = min(32, max(1, BLOCK_M * BLOCK_N // 512))
-    G = max(1, min(2 * _num_sms(device_index), triton.cdiv(M, BLOCK_M)))
+    per_sm = max(1, 16 // num_warps)
+    G = max(1, min(per_sm * _num_sms(device_index), triton.cdiv(M, BLOCK_M)))
     return BLOCK_M, BLOCK_N, num_warps, G
 
 
@@ -183,12 +197,12 @@ def _as_rows(t, N):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The custom ops (what torch.compile sees) and their autograd
+# The launches: forward, backward (the two stages of dw included)
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("nanoforge::rmsnorm_fwd", mutates_args=())
-def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x, weight, eps, out_dtype):
+    """(y in out_dtype, rstd fp32 per row)."""
     N = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     x2, weight = _as_rows(x, N), weight.contiguous()
     M = x2.shape[0]
@@ -201,15 +215,8 @@ def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     return y, rstd
 
 
-@_rmsnorm_fwd.register_fake
-def _(x, weight, eps):
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
-
-
-@torch.library.custom_op("nanoforge::rmsnorm_bwd", mutates_args=())
-def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(dy, x, weight, rstd):
+    """(dx in x's dtype, dw in weight's dtype); dy may have another dtype than x (autocast: bf16 dy, fp32 x)."""
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -222,9 +229,56 @@ def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     _rmsnorm_bwd_kernel[(G,)](
         dy2, x2, weight, rstd.reshape(-1), dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), N,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
-    RED_BLOCK = min(1024, triton.next_power_of_2(N))
-    _dw_reduce_kernel[(triton.cdiv(N, RED_BLOCK),)](dw_partial, dw, G, N, BLOCK_N=RED_BLOCK, num_warps=4)
+    _reduce_partials(dw_partial, dw)
     return dx, dw
+
+
+def _reduce_partials(dw_partial, dw):
+    """dw = dw_partial.sum(0) in a fixed order, cast to dw's dtype. [128, 32] fp32 tiles: 16 KB per load,
+    and 32 columns = one 128-byte line of each partial row."""
+    G, N = dw_partial.shape
+    _dw_reduce_kernel[(triton.cdiv(N, 32),)](dw_partial, dw, G, N, BLOCK_G=128, BLOCK_N=32, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd, twice: a torch.autograd.Function for eager mode, custom ops for torch.compile
+# ----------------------------------------------------------------------------------------------------------
+# Why two wrappers around the same launches. torch.compile cannot look inside a Triton launch written in
+# Python, so it needs an opaque op with a fake (shape-only) implementation: torch.library.custom_op. But in
+# eager mode that op costs the dispatcher, the op's own Python layer and its autograd wrapper on every call,
+# around a hundred microseconds per forward + backward on the host -- as long as the whole backward kernel on
+# the GPU at training sizes, so an eager caller would wait on Python. Eager calls therefore take a plain
+# autograd.Function (tens of microseconds), and only code being compiled sees the custom op.
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        y, rstd = _forward(x, weight, eps, out_dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, x, weight, rstd)
+        return dx, dw, None, None
+
+
+@torch.library.custom_op("nanoforge::rmsnorm_fwd", mutates_args=())
+def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, eps, out_dtype)
+
+
+@_rmsnorm_fwd.register_fake
+def _(x, weight, eps, out_dtype):
+    return (torch.empty(x.shape, dtype=out_dtype, device=x.device),
+            torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("nanoforge::rmsnorm_bwd", mutates_args=())
+def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, rstd)
 
 
 @_rmsnorm_bwd.register_fake
@@ -234,19 +288,19 @@ def _(dy, x, weight, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, _eps, _out_dtype = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
 
 
-def _backward(ctx, dy, _drstd):
+def _op_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     dx, dw = _rmsnorm_bwd(dy, x, weight, rstd)
-    return dx, dw, None
+    return dx, dw, None, None
 
 
-_rmsnorm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_rmsnorm_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,10 +321,25 @@ def _check(x, weight):
                          f"use NANOFORGE_KERNELS=rmsnorm=torch")
 
 
+def output_dtype(x):
+    """x's dtype, except under autocast: then the autocast dtype (bf16 / fp16).
+
+    Under autocast the residual stream is fp32 and every consumer of a norm's output is a matmul that autocast
+    casts to bf16 anyway. Writing y in bf16 straight from the kernel gives the same numbers (one rounding of
+    the same fp32 value) with half the write traffic and no separate cast kernel (read 4 + write 2 bytes per
+    element, again in the backward for dy). Both implementations follow this rule, so they stay twins."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype  # (other device types: 'meta' has no autocast state to ask)
+
+
 def rmsnorm(x, weight, eps=1e-5):
-    """y = x * rsqrt(mean(x^2, -1) + eps) * weight; Triton on CUDA (see kernels/__init__.py), else the twin."""
+    """y = x * rsqrt(mean(x^2, -1) + eps) * weight; Triton on CUDA (see kernels/__init__.py), else the twin.
+    y is in x's dtype, or in the autocast dtype under autocast (see output_dtype)."""
     if use_triton("rmsnorm", x, weight):
         _check(x, weight)
-        y, _rstd = _rmsnorm_fwd(x, weight, float(eps))
-        return y
+        if torch.compiler.is_compiling():
+            y, _rstd = _rmsnorm_fwd(x, weight, float(eps), output_dtype(x))
+            return y
+        return _RMSNorm.apply(x, weight, float(eps), output_dtype(x))
     return rmsnorm_torch(x, weight, eps)

@@ -143,6 +143,52 @@ def test_dw_bitwise_reproducible():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_dw_reduction_of_many_partials():
+    """The second stage of dw alone, with more partial rows than one [128, 32] tile holds (G = 300, as on a
+    big GPU) and a width that is not a multiple of 32: the sum of the partials, and the same bits twice."""
+    from kernels.rmsnorm import _reduce_partials
+    g = torch.Generator().manual_seed(4)
+    partial = torch.randn(300, 77, generator=g).to(DEVICE)
+    dws = []
+    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+        dw = torch.empty(77, device=DEVICE, dtype=dtype)
+        _reduce_partials(partial, dw)
+        dws.append(dw)
+    torch.testing.assert_close(dws[0].double(), partial.double().sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(dws[0], dws[1])
+    assert torch.equal(dws[2], dws[0].to(torch.bfloat16)) or interpreting()  # the interpreter truncates
+
+
+def test_autocast_output_dtype():
+    """Under autocast y comes out in the autocast dtype (the next matmul's input dtype), from both
+    implementations and through both wrappers (eager autograd.Function, compiled custom op); dx and dw keep the
+    dtypes of x and w. The values are the fp32 result rounded once."""
+    x = make_rows(33, 123, torch.float32, "contiguous", seed=1)
+    w = torch.randn(123, device=DEVICE)
+    dy = torch.randn(33, 123, device=DEVICE).to(torch.bfloat16)
+    expected = rmsnorm_torch(x, w, EPS)  # no autocast: fp32
+
+    def run(fn):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = fn(xl, wl)
+        y.backward(dy)
+        return y, xl.grad, wl.grad
+
+    twin = run(lambda x, w: rmsnorm_torch(x, w, EPS))
+    assert twin[0].dtype == torch.bfloat16 and torch.equal(twin[0], expected.to(torch.bfloat16))
+    torch._dynamo.reset()
+    for name, fn in (("eager", lambda x, w: rmsnorm(x, w, EPS)),
+                     ("compiled", torch.compile(lambda x, w: rmsnorm(x, w, EPS), backend="aot_eager",
+                                                fullgraph=True))):
+        y, dx, dw = run(fn)
+        assert (y.dtype, dx.dtype, dw.dtype) == (torch.bfloat16, torch.float32, torch.float32), name
+        bf16_step = 2 ** -7 * expected.abs()  # within one bf16 rounding of the fp32 result
+        assert ((y.double() - expected.double()).abs() <= bf16_step + 1e-6).all(), name
+        torch.testing.assert_close(dx, twin[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dw, twin[2], rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- bad input
 def test_rejects_bad_input(monkeypatch):
     x = torch.randn(4, 8, device=DEVICE)
