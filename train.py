@@ -83,7 +83,7 @@ wsd_decay_frac = 0.2                # 'wsd': the last 20% of steps decay linearl
 device = "auto"                     # 'auto' | 'cpu' | 'cuda'
 dtype = "auto"                      # 'auto' (bf16 autocast on a GPU that has it, else fp32) | 'bfloat16' | 'float32'
 compile = True                      # torch.compile the model (ignored on CPU: compile time would dominate)
-kernels_backend = "auto"            # kernels/: 'auto' | 'triton' | 'torch' (+ ',name=choice'); see kernels/__init__.py
+kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # kernels/: 'auto' | 'triton' | 'torch' (+ ',name=choice'); see kernels/__init__.py
 peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = look the GPU up in GPU_PEAK_FLOPS
 DEFAULTS = script_defaults(globals())
 MODEL_KEYS = [k for k in GPTConfig.__dataclass_fields__]
