@@ -31,7 +31,7 @@ CAUSAL BLOCK SKIPPING. With query block [m0, m0 + BLOCK_M) and key block [n0, n0
   - only the few blocks that straddle the diagonal pay for the mask (and for the end of the sequence, T).
 The forward and dQ kernels write their loop twice, an unmasked copy (the bulk) and a masked one (diagonal and
 the partial block at T), chosen by a compile-time flag, so the hot loop carries no masking at all. (The dK/dV
-kernel has one loop and a branch instead; see _dkdv_inner for why.) Any T works: loads past T read zeros,
+kernel has a single masked loop instead; see _dkdv_inner for why.) Any T works: loads past T read zeros,
 masked scores are -inf, and rows past T are never stored.
 No NaN: every row's first visited block contains key 0 (or, on the diagonal, the row's own key), so the
 running max is finite before any fully masked tile could make exp(-inf - -inf).
@@ -175,32 +175,46 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, diag_end,
-                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, T).
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, hi,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, hi).
     Works with transposed tiles (keys x queries), so that dV = P^T dO and dK = dS^T Q are plain products.
-    One loop, not three: the mask is applied under a branch that is uniform over the program (a scalar test:
-    is this block on the diagonal, or past T?), so unmasked blocks skip it at no cost. Three copies of the loop
-    (diagonal, bulk, tail), as in the other kernels, push this kernel past 255 registers at head dim 128."""
-    for start_m in range(lo, T, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)            # S^T / c   (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)  # P^T = exp(S - LSE), recomputed
-        if (start_m < diag_end) | (start_m + BLOCK_M > T):
+    MASKED (always, from _attn_bwd_dkdv): the causal mask and the end of the sequence. This kernel holds two
+    (BLOCK_N, D) fp32 accumulators, and each extra copy of the loop (an unmasked bulk, as in the other kernels)
+    costs it ~60 registers (measured with Triton 3.6 for sm_90: 198 -> 255 and spills at D 64), which halves
+    how many programs share an SM; that is worth more than the mask's few instructions per score.
+    The two products that only read what was loaded (S^T = K Q^T and dP^T = V dO^T) are issued together, so
+    the tensor cores compute dP^T while the exp2 of P^T runs: a tile's four products otherwise form a chain
+    in which every step waits for the previous one (the loop is latency-bound, not throughput-bound)."""
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    q_ptrs = Q + offs_m[:, None] * sqt + offs_d[None, :]
+    do_ptrs = DO + offs_m[:, None] * sdot + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        if MASKED:
+            rows = offs_m < T
+            q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)             # S^T / c   (BLOCK_N, BLOCK_M)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)           # dP^T = V dO^T
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)   # P^T = exp(S - LSE), recomputed
+        if MASKED:
             keep = rows[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(keep, p_t, 0.0)
-        do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)          # dP^T = V dO^T
-        ds_t = p_t * (dp_t - delta[None, :])                               # dS^T = P^T * (dP^T - Delta)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)   # dK += dS^T Q   (times c later)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)   # dV += P^T dO
+        ds_t = p_t * (dp_t - delta[None, :])                                # dS^T = P^T * (dP^T - Delta)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)    # dK += dS^T Q   (times c later)
+        offs_m += BLOCK_M
+        q_ptrs += BLOCK_M * sqt
+        do_ptrs += BLOCK_M * sdot
     return dk, dv
 
 
@@ -224,15 +238,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     v = tl.load(V + b * svb + kv * svh + offs_n[:, None] * svt + offs_d[None, :], mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # causal: queries before start_n never see these keys, so the walk starts at the diagonal block, whose
-    # BLOCK_N // BLOCK_M query blocks are the only ones that need the causal mask
-    lo = start_n if CAUSAL else 0
-    diag_end = start_n + BLOCK_N if CAUSAL else 0
+    # Query blocks [0, t_full) lie inside the sequence, [t_full, T) is the partial one. Causal: queries before
+    # start_n never see these keys, so the walk starts at the diagonal, whose BLOCK_N // BLOCK_M query blocks
+    # are the only ones that need the causal mask; after them the bulk runs unmasked up to the partial block.
+    t_full = (T // BLOCK_M) * BLOCK_M
+    diag_end = start_n + BLOCK_N
     for g in range(GROUP):  # GQA: sum the group's query heads into this kv head's dK, dV, in registers
         h = kv * GROUP + g
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh,
-                             LSE + (b * Hq + h) * T, DELTA + (b * Hq + h) * T, sqt, sdot, offs_n, offs_d,
-                             T, qk_scale, lo, diag_end, BLOCK_M, CAUSAL, PRECISION)
+        Qh = Q + b * sqb + h * sqh
+        DOh = DO + b * sdob + h * sdoh
+        LSEh = LSE + (b * Hq + h) * T
+        DELTAh = DELTA + (b * Hq + h) * T
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
+                             start_n if CAUSAL else 0, T, BLOCK_M, True, CAUSAL, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kv * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=cols)
@@ -243,26 +261,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, T, qk_scale, lo, hi,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """A query block's dQ from the key blocks [lo, hi): dQ += dS K, with P and dP recomputed per tile."""
+    """A query block's dQ from the key blocks [lo, hi): dQ += dS K, with P and dP recomputed per tile
+    (S = Q K^T and dP = dO V^T issued together, as in _dkdv_inner)."""
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * skt + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * svt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
-            k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-            v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
         else:
-            k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :])
-            v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :])
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])  # lse arrives in log2 units
         if MASKED:
             keep = offs_n[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        offs_n += BLOCK_N
+        k_ptrs += BLOCK_N * skt
+        v_ptrs += BLOCK_N * svt
     return dq
 
 
@@ -331,12 +354,12 @@ def default_config(kind, head_dim, dtype):
 # D = 128 it needs 8 warps, and BLOCK_M <= 32 when BLOCK_N = 128. Timed once per (kernel, head dim, causal,
 # dtype): 15 compiles per head dim, so the first call of a run pays ~30 s. The first entry is the untuned default.
 TUNE_CONFIGS = {
-    "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
-            128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4)]},
-    "dkdv": {64: [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2)],
-             128: [(32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)]},
-    "dq": {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
-           128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)]},
+    "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 2)],
+            128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4)]},
+    "dkdv": {64: [(32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+             128: [(32, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 1), (16, 64, 4, 3)]},
+    "dq": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
+           128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)]},
 }
 
 

@@ -130,7 +130,7 @@ def test_other_layouts():
     """Contiguous (B, H, T, D) inputs, and q/k/v sliced out of one fused (B, T, 3, H, D) projection."""
     q, k, v = (x.contiguous() for x in make_qkv(1, 4, 2, 21, 64, torch.float32))
     check(1, 4, 2, 21, 64, True, torch.float32, qkv=(q, k, v))
-    qkv = torch.randn(2, 19, 3, 2, 64)
+    qkv = torch.randn(2, 19, 3, 2, 64, device=DEVICE)
     check(2, 2, 2, 19, 64, False, torch.float32, qkv=tuple(qkv[:, :, i].transpose(1, 2) for i in range(3)))
 
 
@@ -151,7 +151,7 @@ def test_small_blocks(monkeypatch):
 def test_autograd_path():
     """attention_triton through autograd gives what the launchers give, for leaf views with requires_grad."""
     q, k, v = (x.requires_grad_() for x in make_qkv(2, 4, 2, 19, 64, torch.float32))
-    do = torch.randn(q.shape)
+    do = torch.randn(q.shape, device=DEVICE)
     o = A.attention_triton(q, k, v, True)
     grads = torch.autograd.grad(o, (q, k, v), do)
     o2, lse = A._forward(q.detach(), k.detach(), v.detach(), True, 0.125)
@@ -201,27 +201,44 @@ def test_compile_aot_eager():
 
 
 def test_autotune_picks_fastest_and_remembers(monkeypatch):
-    """The GPU-only tuning path, run in the interpreter with a fake clock: every candidate is launched, a
-    failing one is skipped, the fastest is kept per key, and the next call does not tune again."""
+    """The GPU-only tuning path, run with a fake clock: every candidate is launched, a failing one is skipped,
+    the fastest is kept per key, and the next call does not tune again. (In the interpreter on a CPU; on a GPU
+    the real kernels run, timed by the fake clock.)"""
     import triton
     monkeypatch.setattr(A, "interpreting", lambda: False)  # as on a GPU (the kernels still run interpreted)
     monkeypatch.setattr(A, "AUTOTUNE", True)
     monkeypatch.setattr(A, "_tuned", {})
-    clock = iter([3.0, 1.0, 2.0, None, 5.0] * 3)  # per kernel: the 2nd is fastest, the 4th does not compile
+    # per kernel, in candidate order: the 2nd is fastest, the 4th does not compile, the others are slower
+    clock = {1: 1.0, 3: None}
+    calls = []
 
     def fake_bench(fn, warmup, rep):
         fn()
-        ms = next(clock)
+        kind, config = launched[-1]
+        index = A.TUNE_CONFIGS[kind][64].index(config)
+        calls.append((kind, index))
+        ms = clock.get(index, 2.0 + index)
         if ms is None:
             raise RuntimeError("out of resource: shared memory")
         return ms
 
+    launched = []
+    real_launch = A._launch
+
+    def spy_launch(kernel, grid_of, config, *args, **constexprs):
+        kind = {A._attn_fwd: "fwd", A._attn_bwd_dkdv: "dkdv", A._attn_bwd_dq: "dq"}[kernel]
+        launched.append((kind, config))
+        return real_launch(kernel, grid_of, config, *args, **constexprs)
+
+    monkeypatch.setattr(A, "_launch", spy_launch)
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     q, k, v = make_qkv(1, 2, 1, 20, 64, torch.float16)
-    do = torch.randn(q.shape).half()
+    do = torch.randn(q.shape, device=DEVICE).half()
     o, lse = A._forward(q, k, v, True, 0.125)
     grads = A._backward(do, q, k, v, o, lse, True, 0.125)
     for kind in ("fwd", "dkdv", "dq"):
+        fitting = [i for i, c in enumerate(A.TUNE_CONFIGS[kind][64]) if A._smem_bytes(kind, c, 64) <= A.SMEM_LIMIT]
+        assert [i for kd, i in calls if kd == kind] == fitting  # each candidate that fits, once
         assert A._tuned[(kind, 64, True, torch.float16)] == A.TUNE_CONFIGS[kind][64][1]
     monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **kw: pytest.fail("tuned twice"))
     o2, _ = A._forward(q, k, v, True, 0.125)
@@ -304,7 +321,7 @@ def fixed_configs(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])  # group ratio 1, 4, 8
