@@ -343,6 +343,10 @@ def train(cfg):
                 "rng": {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
+    # validation: the first eval_iters x batch_size windows of the val split, the same ones every time and whatever
+    # the number of processes (rank r takes every world-th batch), so runs on 1 or N GPUs report comparable numbers
+    n_val_windows = cfg["eval_iters"] * cfg["batch_size"]
+
     # bits per byte: nats/token over the validation windows, divided by ln 2 and by the bytes per token of
     # exactly those windows' targets. It compares models with different tokenizers fairly.
     val_bytes_per_token = None
@@ -350,7 +354,7 @@ def train(cfg):
         try:
             import tiktoken
             enc = tiktoken.get_encoding(cfg["tokenizer"])
-            ys = val_data.batch(0, cfg["eval_iters"] * rows_per_micro, torch.device("cpu"))[1]
+            ys = val_data.batch(0, n_val_windows, torch.device("cpu"))[1]
             ids = [int(t) for t in ys.flatten() if 0 <= t < enc.n_vocab]
             val_bytes_per_token = sum(len(enc.decode_single_token_bytes(t)) for t in ids) / max(1, len(ids))
         except Exception as e:  # no tokenizer offline: report nats only
@@ -358,16 +362,18 @@ def train(cfg):
 
     @torch.no_grad()
     def evaluate():
-        model.eval()
-        total = torch.zeros(2, device=device)  # sum of losses, count
-        for i in range(cfg["eval_iters"]):
-            x, y = val_data.batch(i * rows_per_micro + rank * cfg["batch_size"], cfg["batch_size"], device)
+        eval_model = model.module if ddp else model  # no DDP hooks: ranks may run different batch counts
+        eval_model.eval()
+        total = torch.zeros(2, device=device)  # sum of token losses, number of tokens
+        for first in range(rank * cfg["batch_size"], n_val_windows, world * cfg["batch_size"]):
+            x, y = val_data.batch(first, min(cfg["batch_size"], n_val_windows - first), device)
             with autocast:
-                _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
+                _, loss = eval_model(x, y)
+            n = (y != -1).sum()
+            total += torch.stack([loss.float() * n, n.float()])
         if ddp:
             dist.all_reduce(total)
-        model.train()
+        eval_model.train()
         return (total[0] / total[1]).item()
 
     def micro_batches(step):

@@ -50,7 +50,8 @@ def test_resume_continues_the_same_loss_sequence_bitwise(sample_data_dir, tmp_pa
 def test_ddp_two_processes_match_one_process(sample_data_dir, tmp_path):
     common = [f"--data_dir={sample_data_dir}", "--max_iters=4", "--eval_interval=4", "--device=cpu"]
     overrides = [a for a in TINY_TEST_MODEL if not a.startswith(("--batch_size", "--total_batch_tokens"))]
-    single = configure(train.DEFAULTS, overrides + common + [f"--out_dir={tmp_path / 'one'}", "--batch_size=8",
+    # one process accumulates 2 micro-batches of 4 rows; two processes take 4 rows each: the same 8 windows a step
+    single = configure(train.DEFAULTS, overrides + common + [f"--out_dir={tmp_path / 'one'}", "--batch_size=4",
                                                              "--total_batch_tokens=512"])
     train.train(single)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
