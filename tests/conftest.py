@@ -52,3 +52,12 @@ def sample_data_dir(tmp_path_factory):
 TINY_TEST_MODEL = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=128",
                    "--block_size=64", "--batch_size=4", "--total_batch_tokens=256", "--compile=False",
                    "--log_interval=1", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
+
+
+@pytest.fixture
+def force_triton():
+    """Run the Triton kernels (the interpreter on CPU) whatever NANOFORGE_KERNELS says; restore it afterwards."""
+    from kernels import set_backend
+    set_backend("triton")
+    yield
+    set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
