@@ -9,6 +9,9 @@ Throughput convention (stated in the output, as in DESIGN.md): causal forward = 
 The same numerator serves every implementation, so TFLOP/s compares like with like (it is not hardware
 utilisation: our backward does 7 matmuls per tile where FLOPs counts 5, see kernels/attention.py).
 
+Ours twice: the default backward (deterministic: a dK/dV kernel and a dQ kernel) and the opt-in one that adds
+dQ with fp32 atomics inside the dK/dV kernel (NANOFORGE_ATTN_DETERMINISTIC=0). Every autotuning candidate's
+time is printed and written to the notes, so the tuning lists in kernels/attention.py can be checked.
 Peers, each forced with torch.nn.attention.sdpa_kernel: FLASH_ATTENTION (FlashAttention-2), CUDNN_ATTENTION,
 EFFICIENT_ATTENTION (xformers' memory-efficient kernel). GQA shapes use enable_gqa=True; a backend that refuses
 a shape is reported as 'n/a'. Each timing is the median of CUDA-event timed runs with the L2 flushed between.
@@ -46,7 +49,8 @@ def sdpa(backend):
 def implementations():
     from torch.nn.attention import SDPBackend
     return {
-        "ours (Triton)": lambda q, k, v: A.attention_triton(q, k, v, causal=True),
+        "ours (Triton)": lambda q, k, v: A.attention_triton(q, k, v, causal=True, deterministic=True),
+        "ours, atomic dQ": lambda q, k, v: A.attention_triton(q, k, v, causal=True, deterministic=False),
         "SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
         "SDPA efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
@@ -115,18 +119,26 @@ def main():
             if ours and them:
                 ratio_lines.append(f"B{B} Hq{Hq} Hkv{Hkv} T{T} D{D} vs {peer}: fwd {them[0] / ours[0]:.2f}x, "
                                    f"fwd+bwd {them[1] / ours[1]:.2f}x")
+        atomic, flash = results[(shape, "ours, atomic dQ")], results[(shape, "SDPA flash")]
+        if atomic and flash:
+            ratio_lines.append(f"B{B} Hq{Hq} Hkv{Hkv} T{T} D{D} ours, atomic dQ vs SDPA flash: "
+                               f"fwd+bwd {flash[1] / atomic[1]:.2f}x")
         flops = 2 * B * Hq * T * T * D
         goal = [f"fwd+bwd {3.5 * flops / ours[1] / 1e9:.0f} (target {TARGET_FWD_BWD[shape]})"]
         if shape in TARGET_FWD:
             goal.append(f"fwd {flops / ours[0] / 1e9:.0f} (target {TARGET_FWD[shape]})")
         ratio_lines.append(f"B{B} Hq{Hq} Hkv{Hkv} T{T} D{D} ours TFLOP/s: " + ", ".join(goal))
     print("\n".join(ratio_lines))
-    tuned = "; ".join(f"{k[0]} D{k[1]} {str(k[3]).replace('torch.', '')}: BLOCK_M,BLOCK_N,warps,stages={v}"
-                      for k, v in A._tuned.items())
+    tuned = "; ".join(f"{k[0]} D{k[1]} {str(k[3]).replace('torch.', '')}: BLOCK_M,BLOCK_N,warps,stages"
+                      f"[,maxnreg]={v}" for k, v in A._tuned.items())
+    candidates = "\n".join(f"- {k[0]} D{k[1]}: " + ", ".join(f"{c} {ms * 1000:.0f} us" for c, ms in v.items())
+                           for k, v in A.tune_log.items())
+    print("autotuning candidates (kernel time at the first shape of each head dim):\n" + candidates)
     notes = ("Causal, bf16, (B, T, H, D) views. TFLOP/s convention: causal forward = 2*B*Hq*T^2*D FLOPs, "
              "forward+backward = 3.5x that (same numerator for every implementation). Speed-ups are "
              "peer ms / our ms (> 1: ours faster).\n\n" + "\n".join(f"- {line}" for line in ratio_lines)
-             + f"\n\nAutotuned configs: {tuned or 'none (NANOFORGE_ATTN_AUTOTUNE=0)'}")
+             + f"\n\nAutotuned configs: {tuned or 'none (NANOFORGE_ATTN_AUTOTUNE=0)'}"
+             + f"\n\nEvery candidate timed by the autotuner (kernel alone; first shape of each head dim):\n{candidates}")
     write_results("attention", ["shape", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
                                 "fwd+bwd TFLOP/s"], rows, notes)
     plot(rows)

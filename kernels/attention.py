@@ -49,8 +49,13 @@ Two kernels do the rest, each owning what it writes, so no atomics and a DETERMI
     down, as earlier queries never see these keys); it accumulates dV += P^T dO and dK += dS^T Q in registers
     and stores once;
   - dQ: a program holds one query block and walks the key blocks (causal: up to the diagonal).
-S and dP are recomputed in both: 7 matrix products per tile instead of the 5 of a version that adds dQ with
-atomics. That is the price of determinism.
+S and dP are recomputed in both: 7 matrix products and 2 exps per tile instead of the 5 and 1 of a version
+that adds dQ with atomics. That is the price of determinism. The atomic version (FlashAttention-2's) is here
+too, opt-in (NANOFORGE_ATTN_DETERMINISTIC=0, or attention_triton(..., deterministic=False)): the dK/dV kernel
+also forms dQ += dS K per tile and adds it to an fp32 buffer with atomics; dQ's last bits then vary per run.
+Speed (bench/attention.py, H200): both loops are latency-bound, since Triton waits for each product before
+the next; what hides the latency is other programs on the same SM, so registers per program (occupancy)
+decide more than instruction counts, hence the register caps (maxnreg) among the tuning candidates.
 
 GQA. Hq query heads share Hkv key/value heads (G = Hq / Hkv): query head h reads kv head h // G, straight from
 the strided K and V, never from a repeated copy. The gradient of a shared K is the sum over its G query heads,
@@ -175,43 +180,40 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, hi,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, hi).
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, sqt, sdot, offs_n, offs_d, T, qk_scale, lo,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                DQ_ATOMIC: tl.constexpr):
+    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, T).
     Works with transposed tiles (keys x queries), so that dV = P^T dO and dK = dS^T Q are plain products.
-    MASKED (always, from _attn_bwd_dkdv): the causal mask and the end of the sequence. This kernel holds two
-    (BLOCK_N, D) fp32 accumulators, and each extra copy of the loop (an unmasked bulk, as in the other kernels)
-    costs it ~60 registers (measured with Triton 3.6 for sm_90: 198 -> 255 and spills at D 64), which halves
-    how many programs share an SM; that is worth more than the mask's few instructions per score.
-    The two products that only read what was loaded (S^T = K Q^T and dP^T = V dO^T) are issued together, so
-    the tensor cores compute dP^T while the exp2 of P^T runs: a tile's four products otherwise form a chain
-    in which every step waits for the previous one (the loop is latency-bound, not throughput-bound)."""
+    One loop, every tile masked (causal and the end of the sequence). This kernel holds two (BLOCK_N, D) fp32
+    accumulators, and a second, unmasked copy of the loop for the bulk (as in the other kernels) costs it ~60
+    registers (Triton 3.6, sm_90: 198 -> 255 and spills at D 64, BLOCK_M 32), which halves how many programs
+    share an SM: worth more than the mask's few instructions per score. (The loop is latency-bound: Triton
+    waits for each product before the next, so only other programs on the SM hide the latency.)
+    DQ_ATOMIC: also dQ += dS K for these queries, added in fp32 to DQACC with atomics (see _backward)."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     q_ptrs = Q + offs_m[:, None] * sqt + offs_d[None, :]
     do_ptrs = DO + offs_m[:, None] * sdot + offs_d[None, :]
-    for start_m in range(lo, hi, BLOCK_M):
-        if MASKED:
-            rows = offs_m < T
-            q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
-            lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + offs_m)
-            delta = tl.load(DELTA + offs_m)
+    for start_m in range(lo, T, BLOCK_M):
+        rows = offs_m < T
+        q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)             # S^T / c   (BLOCK_N, BLOCK_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)           # dP^T = V dO^T
         p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)   # P^T = exp(S - LSE), recomputed
-        if MASKED:
-            keep = rows[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
+        keep = rows[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[None, :] >= offs_n[:, None])
+        p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)   # dV += P^T dO
-        ds_t = p_t * (dp_t - delta[None, :])                                # dS^T = P^T * (dP^T - Delta)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)    # dK += dS^T Q   (times c later)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)                  # dS^T = P^T * (dP^T - Delta)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)                 # dK += dS^T Q   (times c later)
+        if DQ_ATOMIC:  # dQ += dS K (times c later), summed over key blocks by fp32 atomics: order not fixed
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+            tl.atomic_add(DQACC + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None],
+                          sem="relaxed")
         offs_m += BLOCK_M
         q_ptrs += BLOCK_M * sqt
         do_ptrs += BLOCK_M * sdot
@@ -219,12 +221,12 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, T, q
 
 
 @triton.jit(do_not_specialize=["T", "GROUP"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
                    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                    T, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     # grid (key blocks, Hkv, B). Causal: early keys are seen by the most queries; axis 0 in order launches
     # those heaviest programs first.
     start_n = tl.program_id(0) * BLOCK_N
@@ -238,24 +240,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     v = tl.load(V + b * svb + kv * svh + offs_n[:, None] * svt + offs_d[None, :], mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Query blocks [0, t_full) lie inside the sequence, [t_full, T) is the partial one. Causal: queries before
-    # start_n never see these keys, so the walk starts at the diagonal, whose BLOCK_N // BLOCK_M query blocks
-    # are the only ones that need the causal mask; after them the bulk runs unmasked up to the partial block.
-    t_full = (T // BLOCK_M) * BLOCK_M
-    diag_end = start_n + BLOCK_N
     for g in range(GROUP):  # GQA: sum the group's query heads into this kv head's dK, dV, in registers
         h = kv * GROUP + g
-        Qh = Q + b * sqb + h * sqh
-        DOh = DO + b * sdob + h * sdoh
-        LSEh = LSE + (b * Hq + h) * T
-        DELTAh = DELTA + (b * Hq + h) * T
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdot, offs_n, offs_d, T, qk_scale,
-                             start_n if CAUSAL else 0, T, BLOCK_M, True, CAUSAL, PRECISION)
+        # causal: queries before start_n never see these keys, so the walk starts at the diagonal block
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh,
+                             LSE + (b * Hq + h) * T, DELTA + (b * Hq + h) * T, DQACC + (b * Hq + h) * T * HEAD_DIM,
+                             sqt, sdot, offs_n, offs_d, T, qk_scale, start_n if CAUSAL else 0,
+                             HEAD_DIM, BLOCK_M, CAUSAL, PRECISION, DQ_ATOMIC)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kv * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=cols)
     tl.store(DV + b * sdvb + kv * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=cols)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _dq_from_acc(DQACC, DQ, sdqb, sdqh, sdqt, T, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dQ = c * DQACC, from the fp32 (B, Hq, T, D) sums of the atomic path to dQ's dtype and layout."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < T
+    acc = tl.load(DQACC + ((b * tl.num_programs(1) + h) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+                  mask=rows, other=0.0)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+             (acc * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
 
 @triton.jit
@@ -328,16 +338,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 # ------------------------------------------------------------------------------------------ block configs
-# A config is (BLOCK_M, BLOCK_N, num_warps, num_stages). Rules the kernels rely on: BLOCK_M % BLOCK_N == 0
-# in the forward and dQ kernels (the causal diagonal starts on a key-block boundary), BLOCK_N % BLOCK_M == 0
-# in the dK/dV kernel (the same, transposed). The interpreter gets small blocks, so small tests cover several
-# blocks, a partial last block and a diagonal split over two tiles.
-INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+# A config is (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]). Rules the kernels rely on: BLOCK_M % BLOCK_N
+# == 0 in the forward and dQ kernels (the causal diagonal starts on a key-block boundary), BLOCK_N % BLOCK_M == 0
+# in the dK/dV kernel (the same, transposed). maxnreg caps the registers per thread, so that more programs share
+# an SM (65536 registers per SM: 4 programs of 4 warps fit at <= 128 registers): the backward loops are
+# latency-bound, and other programs are what hides the latency. "fused" is the dK/dV kernel with dQ by atomics.
+# The interpreter gets small blocks, so small tests cover several blocks, a partial last block and a diagonal
+# split over two tiles.
+INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1), "fused": (32, 64, 4, 1)}
 # fp32 on a GPU: exact products (input_precision "ieee") run on the FMA units, not tensor cores, and need many
 # more registers per tile; these small tiles compile without spills (a correctness path, not a fast one).
 FP32_CONFIGS = {"fwd": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1)},
                 "dkdv": {64: (16, 32, 4, 1), 128: (16, 32, 4, 1)},
-                "dq": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1)}}
+                "dq": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1)},
+                "fused": {64: (16, 32, 4, 1), 128: (16, 32, 4, 1)}}
 
 
 def default_config(kind, head_dim, dtype):
@@ -349,33 +363,42 @@ def default_config(kind, head_dim, dtype):
 
 
 # The autotuning search space for 16-bit inputs on a GPU, per head dim (64 stands for <= 64). Chosen offline by
-# compiling every candidate for sm_90 (Triton 3.6 and 3.9) and keeping those that neither spill registers nor
-# overflow shared memory. The dK/dV kernel is the tight one: it holds two (BLOCK_N, D) fp32 accumulators, so at
-# D = 128 it needs 8 warps, and BLOCK_M <= 32 when BLOCK_N = 128. Timed once per (kernel, head dim, causal,
-# dtype): 15 compiles per head dim, so the first call of a run pays ~30 s. The first entry is the untuned default.
+# compiling every candidate for sm_90 with Triton 3.6 and keeping those that neither spill registers (beyond a
+# few bytes) nor overflow shared memory, then by timing them on an H200 (bench/attention.py prints every
+# candidate's time). The dK/dV kernel is the tight one: it holds two (BLOCK_N, D) fp32 accumulators. Timed once
+# per (kernel, head dim, causal, dtype), so the first call of a run pays ~15 compiles per head dim (~30 s).
+# The first entry is the untuned default: the fastest on the H200 at B16 H12 T1024 D64 / B4 H16 T4096 D128.
 TUNE_CONFIGS = {
-    "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 2)],
-            128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4)]},
-    "dkdv": {64: [(32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
-             128: [(32, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 1), (16, 64, 4, 3)]},
-    "dq": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
-           128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)]},
+    "fwd": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 2)],
+            128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4)]},
+    "dkdv": {64: [(16, 64, 4, 3), (16, 64, 4, 2, 128), (32, 64, 8, 2, 128), (16, 64, 4, 3, 128), (32, 64, 4, 3)],
+             128: [(32, 128, 8, 1), (32, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 4, 3)]},
+    "dq": {64: [(64, 64, 4, 3), (64, 64, 4, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 3), (128, 64, 8, 3)],
+           128: [(128, 64, 8, 3), (128, 32, 8, 3, 128), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)]},
+    "fused": {64: [(16, 64, 4, 3, 168), (32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2)],
+              128: [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 3)]},
 }
 
 
 def _smem_bytes(kind, config, head_dim, elt=2):
     """Shared memory a config needs, roughly: the pipelined tiles times the stages plus what stays resident."""
-    bm, bn, _, stages = config
+    bm, bn, _, stages = config[:4]
     if kind == "fwd":   # Q resident, K and V tiles streamed
         return elt * head_dim * (bm + 2 * bn * stages)
     if kind == "dkdv":  # K, V resident, Q and dO tiles streamed
         return elt * head_dim * (2 * bn + 2 * bm * stages)
+    if kind == "fused":  # as dK/dV, plus dS^T restaged for dQ = dS K and a second copy of K
+        return elt * head_dim * (3 * bn + 2 * bm * stages) + elt * bm * bn
     return elt * head_dim * (2 * bm + 2 * bn * stages)  # dq: Q, dO resident, K and V streamed
 
 
 SMEM_LIMIT = 160 * 1024  # of the H100's 227 KiB per block: leave room for the compiler's own scratch
 AUTOTUNE = os.environ.get("NANOFORGE_ATTN_AUTOTUNE", "1") == "1"
 _tuned = {}  # (kind, head_dim, causal, dtype) -> best config, found once by timing the candidates
+tune_log = {}  # the same key -> {config: ms} for every candidate timed (bench/attention.py prints it)
+# The backward's default: dQ by a second kernel, deterministic (see _backward). NANOFORGE_ATTN_DETERMINISTIC=0
+# makes dQ come from fp32 atomics in the dK/dV kernel instead (faster, last bits vary from run to run).
+DETERMINISTIC = os.environ.get("NANOFORGE_ATTN_DETERMINISTIC", "1") != "0"
 
 
 def _pick_config(kind, launch, head_dim, causal, dtype):
@@ -397,6 +420,7 @@ def _pick_config(kind, launch, head_dim, causal, dtype):
         if not timings:
             raise RuntimeError(f"attention: no {kind} config compiled for head dim {head_dim}") from error
         _tuned[key] = min(timings, key=timings.get)
+        tune_log[key] = timings
     return _tuned[key]
 
 
@@ -435,8 +459,10 @@ def _bthd_empty(q):
 
 
 def _launch(kernel, grid_of, config, *args, **constexprs):
-    bm, bn, warps, stages = config
-    kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = config[:4]
+    options = {"maxnreg": config[4]} if len(config) > 4 else {}
+    kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                            **options)
 
 
 def _forward(q, k, v, causal, scale):
@@ -459,7 +485,12 @@ def _forward(q, k, v, causal, scale):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale):
+def _backward(do, q, k, v, o, lse, causal, scale, deterministic=True):
+    """dQ, dK, dV. Deterministic: the dK/dV kernel, then the dQ kernel (each writes what it owns, 7 products
+    per tile). Otherwise (FlashAttention-2's way): the dK/dV kernel also computes dQ += dS K for each of its
+    tiles and adds it to an fp32 (B, Hq, T, D) buffer with atomics, 5 products and one exp per tile instead of
+    7 and two, then a small kernel scales and casts it. Float addition is not associative, and the order in
+    which key blocks add is up to the GPU: the last bits of dQ differ from run to run."""
     q, k, v, o, do = (_unit_last(x) for x in (q, k, v, o, do))
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -474,18 +505,28 @@ def _backward(do, q, k, v, o, lse, causal, scale):
                                               HEAD_DIM=D, BLOCK_M=block)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
+    dq_acc = torch.zeros(B, Hq, T, D, dtype=torch.float32, device=q.device) if not deterministic else dk
+
     def launch_dkdv(config):
+        if not deterministic:
+            dq_acc.zero_()  # the atomics add to it; tuning runs this launch repeatedly
         _launch(_attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(T, bn), Hkv, B), config,
-                q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
-                T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
+                q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *dk.stride()[:3], *dv.stride()[:3],
+                T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision,
+                DQ_ATOMIC=not deterministic)
 
     def launch_dq(config):
         _launch(_attn_bwd_dq, lambda bm, bn: (triton.cdiv(T, bm), Hq, B), config,
                 q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3],
                 T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
 
-    launch_dkdv(_pick_config("dkdv", launch_dkdv, D, causal, q.dtype))
-    launch_dq(_pick_config("dq", launch_dq, D, causal, q.dtype))
+    if deterministic:
+        launch_dkdv(_pick_config("dkdv", launch_dkdv, D, causal, q.dtype))
+        launch_dq(_pick_config("dq", launch_dq, D, causal, q.dtype))
+    else:
+        launch_dkdv(_pick_config("fused", launch_dkdv, D, causal, q.dtype))
+        _dq_from_acc[(triton.cdiv(T, block), Hq, B)](dq_acc, dq, *dq.stride()[:3], T, scale, HEAD_DIM=D,
+                                                    BLOCK_M=block)
     return dq, dk, dv
 
 
@@ -506,37 +547,40 @@ def _(q, k, v, causal, scale):
 
 @torch.library.custom_op("nanoforge::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, causal, scale)
+                   lse: torch.Tensor, causal: bool, scale: float,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, scale, deterministic)
 
 
 @flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
+def _(do, q, k, v, o, lse, causal, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, deterministic):
         o, lse = flash_attn_fwd(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)  # O and LSE: all the backward needs to rebuild P
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None
 
 
-def attention_triton(q, k, v, causal=True, scale=None):
-    """The Triton path, with its input checks (clear errors for what the kernel does not support)."""
+def attention_triton(q, k, v, causal=True, scale=None, deterministic=None):
+    """The Triton path, with its input checks (clear errors for what the kernel does not support).
+    deterministic: how the backward computes dQ (see _backward); None: DETERMINISTIC (the environment's)."""
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the row max of unscaled scores: right only for a positive scale
         raise ValueError(f"attention: softmax scale must be positive, got {scale}")
-    return FlashAttention.apply(q, k, v, bool(causal), scale)
+    deterministic = DETERMINISTIC if deterministic is None else bool(deterministic)
+    return FlashAttention.apply(q, k, v, bool(causal), scale, deterministic)
 
 
 # ------------------------------------------------------------------------------------- twin and switch

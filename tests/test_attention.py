@@ -70,21 +70,21 @@ def twin(q, k, v, do, causal, scale):
     return o.detach(), torch.logsumexp(s, -1), q.grad, k.grad, v.grad
 
 
-def ours(q, k, v, do, causal, scale):
+def ours(q, k, v, do, causal, scale, deterministic=True):
     """The launchers directly (forward returns the LSE too); test_autograd_path checks the autograd wiring."""
     c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     o, lse = A._forward(q, k, v, causal, c)
-    return (o, lse, *A._backward(do, q, k, v, o, lse, causal, c))
+    return (o, lse, *A._backward(do, q, k, v, o, lse, causal, c, deterministic))
 
 
-def check(B, Hq, Hkv, T, D, causal, dtype, scale=None, device=DEVICE, seed=0, qkv=None):
+def check(B, Hq, Hkv, T, D, causal, dtype, scale=None, device=DEVICE, seed=0, qkv=None, deterministic=True):
     q, k, v = qkv if qkv is not None else make_qkv(B, Hq, Hkv, T, D, dtype, device, seed)
     c = 1.0 / math.sqrt(D) if scale is None else scale
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     want = reference(q, k, v, do, causal, c, ref_dtype)
     same = twin(q, k, v, do, causal, scale)
-    got = ours(q, k, v, do, causal, scale)
+    got = ours(q, k, v, do, causal, scale, deterministic)
     for name, g, s, r in zip(("O", "LSE", "dQ", "dK", "dV"), got, same, want):
         assert g.dtype == (torch.float32 if name == "LSE" else dtype), f"{name} dtype {g.dtype}"
         atol = FLOOR[torch.float32 if name == "LSE" else dtype] * max(1.0, r.abs().max().item())
@@ -146,6 +146,30 @@ def test_small_blocks(monkeypatch):
     monkeypatch.setattr(A, "_pick_config", lambda kind, *args: configs[kind])
     check(2, 4, 2, 70, 64, True, torch.float32)
     check(1, 4, 2, 41, 64, False, torch.float32)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,causal", [(2, 4, 2, 70, 64, True), (1, 4, 1, 41, 64, False),
+                                                (1, 2, 2, 129, 64, True), (1, 2, 1, 33, 128, True), (1, 2, 1, 1, 64, True)])
+def test_atomic_dq_path(B, Hq, Hkv, T, D, causal):
+    """The opt-in backward (dQ added with atomics inside the dK/dV kernel), GQA and a partial last block."""
+    check(B, Hq, Hkv, T, D, causal, torch.float32, deterministic=False)
+
+
+def test_atomic_dq_autograd_path():
+    """deterministic=False reaches the backward through autograd (and the default does not)."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 4, 2, 37, 64, torch.float32))
+    do = torch.randn(q.shape, device=DEVICE)
+    calls = []
+    real = A._backward
+    try:
+        A._backward = lambda *a: calls.append(a[-1]) or real(*a)
+        atomic = torch.autograd.grad(A.attention_triton(q, k, v, True, deterministic=False), (q, k, v), do)
+        default = torch.autograd.grad(A.attention_triton(q, k, v, True), (q, k, v), do)
+    finally:
+        A._backward = real
+    assert calls == [False, A.DETERMINISTIC]
+    for a, b in zip(atomic, default):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_autograd_path():
@@ -332,17 +356,30 @@ def test_gpu_sweep(T, B, Hq, Hkv, D, causal, dtype, fixed_configs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "fused"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_every_tuning_config(kind, D, monkeypatch):
     """Whatever the autotuner picks must be right: each candidate config of each kernel, forced in turn."""
-    defaults = {k: A.default_config(k, D, torch.bfloat16) for k in ("fwd", "dkdv", "dq")}
+    defaults = {k: A.default_config(k, D, torch.bfloat16) for k in ("fwd", "dkdv", "dq", "fused")}
     for config in A.TUNE_CONFIGS[kind][D]:
         if A._smem_bytes(kind, config, D) > A.SMEM_LIMIT:
             continue
         chosen = {**defaults, kind: config}
         monkeypatch.setattr(A, "_pick_config", lambda k, *args: chosen[k])
-        check(2, 8, 2, 1000, D, True, torch.bfloat16, device="cuda")
+        check(2, 8, 2, 1000, D, True, torch.bfloat16, device="cuda", deterministic=kind != "fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("T", [1, 127, 1000])
+def test_gpu_atomic_dq(T, Hq, Hkv, D, causal, fixed_configs):
+    """The opt-in atomic-dQ backward in bf16 (fp16 and fp32 once each)."""
+    check(3, Hq, Hkv, T, D, causal, torch.bfloat16, device="cuda", seed=T, deterministic=False)
+    if T == 127 and Hkv == 2:
+        check(3, Hq, Hkv, T, D, causal, torch.float16, device="cuda", deterministic=False)
+        check(2, Hq, Hkv, 77, D, causal, torch.float32, device="cuda", deterministic=False)
 
 
 @pytest.mark.gpu
