@@ -364,10 +364,11 @@ def default_config(kind, head_dim, dtype):
 
 # The autotuning search space for 16-bit inputs on a GPU, per head dim (64 stands for <= 64). Chosen offline by
 # compiling every candidate for sm_90 with Triton 3.6 and keeping those that neither spill registers (beyond a
-# few bytes) nor overflow shared memory, then by timing them on an H200 (bench/attention.py prints every
-# candidate's time). The dK/dV kernel is the tight one: it holds two (BLOCK_N, D) fp32 accumulators. Timed once
-# per (kernel, head dim, causal, dtype), so the first call of a run pays ~15 compiles per head dim (~30 s).
-# The first entry is the untuned default: the fastest on the H200 at B16 H12 T1024 D64 / B4 H16 T4096 D128.
+# few bytes) nor overflow shared memory; bench/attention.py prints every candidate's time. The dK/dV kernel is
+# the tight one: it holds two (BLOCK_N, D) fp32 accumulators. Timed once per (kernel, head dim, causal, dtype),
+# so the first call of a run pays ~15 compiles per head dim (~30 s; Triton caches them on disk after that).
+# The first entry is the untuned default: the autotuner's pick on an H200 (commit 45f74da) at B16 H12 T1024 D64
+# and B4 H16 T4096 D128. The maxnreg candidates and the "fused" list are compiled, not yet timed on a GPU.
 TUNE_CONFIGS = {
     "fwd": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 2)],
             128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4)]},
