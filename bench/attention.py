@@ -138,7 +138,8 @@ def main():
              "forward+backward = 3.5x that (same numerator for every implementation). Speed-ups are "
              "peer ms / our ms (> 1: ours faster).\n\n" + "\n".join(f"- {line}" for line in ratio_lines)
              + f"\n\nAutotuned configs: {tuned or 'none (NANOFORGE_ATTN_AUTOTUNE=0)'}"
-             + f"\n\nEvery candidate timed by the autotuner (kernel alone; first shape of each head dim):\n{candidates}")
+             + "\n\nEvery candidate timed by the autotuner (kernel alone; first shape of each head dim):\n"
+             + candidates)
     write_results("attention", ["shape", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
                                 "fwd+bwd TFLOP/s"], rows, notes)
     plot(rows)

@@ -149,7 +149,8 @@ def test_small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,T,D,causal", [(2, 4, 2, 70, 64, True), (1, 4, 1, 41, 64, False),
-                                                (1, 2, 2, 129, 64, True), (1, 2, 1, 33, 128, True), (1, 2, 1, 1, 64, True)])
+                                                (1, 2, 2, 129, 64, True), (1, 2, 1, 33, 128, True),
+                                                (1, 2, 1, 1, 64, True)])
 def test_atomic_dq_path(B, Hq, Hkv, T, D, causal):
     """The opt-in backward (dQ added with atomics inside the dK/dV kernel), GQA and a partial last block."""
     check(B, Hq, Hkv, T, D, causal, torch.float32, deterministic=False)
