@@ -7,7 +7,8 @@ plain-PyTorch twin with the same signature, and a public function that picks bet
 whole policy at once:
 
     NANOFORGE_KERNELS=auto     (default) Triton when the tensors live on a CUDA GPU and Triton imports,
-                               the PyTorch twin everywhere else (CPU, MPS, no Triton installed).
+                               the PyTorch twin everywhere else (CPU, MPS, no Triton installed) -- except the
+                               kernels in TWIN_WINS_ON_GPU below, whose twin measured faster in training.
     NANOFORGE_KERNELS=torch    always the twin: the reference, and the escape hatch if a kernel misbehaves.
     NANOFORGE_KERNELS=triton   always Triton; on CPU tensors this needs TRITON_INTERPRET=1 (how CI runs the
                                kernels), otherwise it is an error rather than a silent fallback.
@@ -26,6 +27,12 @@ except Exception:  # ImportError, or a broken install: the twins still work
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "sophia")
 _CHOICES = ("auto", "triton", "torch")
 _backend = {}  # kernel name -> 'auto' | 'triton' | 'torch'
+
+# Measured, not assumed (bench/results/attention.md, e2e_kernels_h200/, H200, 2026-11-22): our flash attention
+# beats SDPA's FlashAttention-2 backend at head dim 128 but not cuDNN's, and at head dim 64 (gpt2_124m) its
+# backward runs at 0.64x of SDPA-flash: compiled gpt2_124m training is ~2% slower with it (450k vs 460k tok/s).
+# So 'auto' keeps SDPA for attention; `NANOFORGE_KERNELS=auto,attention=triton` opts in.
+TWIN_WINS_ON_GPU = ("attention",)
 
 
 def interpreting():
@@ -64,7 +71,7 @@ def use_triton(name, *tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if choice == "auto":
-        return HAS_TRITON and on_cuda
+        return HAS_TRITON and on_cuda and name not in TWIN_WINS_ON_GPU
     # forced 'triton': refuse loudly rather than quietly run something else
     if not HAS_TRITON:
         raise RuntimeError(f"kernels: {name} forced to 'triton' but Triton is not installed")

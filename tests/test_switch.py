@@ -1,0 +1,46 @@
+"""kernels/__init__.py: the one switch between Triton kernels and their PyTorch twins."""
+import os
+from types import SimpleNamespace
+
+import pytest
+
+import kernels
+
+ON_GPU, ON_CPU = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+
+
+@pytest.fixture(autouse=True)
+def restore():
+    yield
+    kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
+
+
+def test_auto_picks_triton_on_gpu_except_where_the_twin_measured_faster(monkeypatch):
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    kernels.set_backend("auto")
+    assert kernels.use_triton("rmsnorm", ON_GPU) and not kernels.use_triton("rmsnorm", ON_CPU)
+    assert not kernels.use_triton("attention", ON_GPU)          # SDPA stays the default (see TWIN_WINS_ON_GPU)
+    kernels.set_backend("auto,attention=triton")
+    assert kernels.use_triton("attention", ON_GPU)
+    kernels.set_backend("triton,rope=torch")
+    assert kernels.use_triton("swiglu", ON_GPU) and not kernels.use_triton("rope", ON_GPU)
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    kernels.set_backend("auto")
+    assert not kernels.use_triton("rmsnorm", ON_GPU)            # no Triton installed: the twins
+
+
+def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
+    kernels.set_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        kernels.use_triton("rmsnorm", ON_CPU)
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match="not installed"):
+        kernels.use_triton("rmsnorm", ON_GPU)
+
+
+@pytest.mark.parametrize("spec, msg", [("fast", "not one of"), ("auto,flash=torch", "unknown kernel"),
+                                       ("rope=torch,auto", "must come first")])
+def test_bad_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        kernels.set_backend(spec)
