@@ -215,6 +215,17 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _apply(self, fn, recurse=True):
+        """model.to(bf16) / .half() / .cuda() all end here. The position tables (fp32 cos/sin or sinusoids) move
+        with the model but keep fp32: rounded to bf16, the angles of late positions would be off by whole
+        radians' worth of bits. So set them aside, convert everything else, then move them, device only."""
+        tables = dict(self._buffers)
+        self._buffers.clear()
+        super()._apply(fn, recurse)
+        device = self.wte.weight.device
+        self._buffers.update({name: t.to(device) for name, t in tables.items()})
+        return self
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

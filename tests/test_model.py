@@ -172,3 +172,13 @@ def test_too_long_input_is_a_clear_error():
 def test_bad_config_is_a_clear_error(bad, msg):
     with pytest.raises(ValueError, match=msg):
         GPTConfig(**bad)
+
+
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal"])
+def test_casting_the_model_keeps_position_tables_fp32(pos):
+    model = small(pos=pos).to(torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    ref = small(pos=pos)
+    for (n, b), (_, r) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, r), n  # not rounded on the way
