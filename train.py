@@ -1,7 +1,7 @@
 """
 train.py — pretraining, top to bottom: one CPU, one GPU, or N GPUs under torchrun.
 
-    python train.py config/tiny.py                                  # a laptop CPU, about a minute
+    python train.py config/tiny.py                                  # a laptop CPU, under two minutes
     python train.py config/gpt2_124m.py                             # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --batch_size=32
 
