@@ -1,4 +1,4 @@
-# tiny: a 4-layer model that trains on a laptop CPU in under two minutes (2 cores) (the quick start, and the tests' model).
+# tiny: a 4-layer model that trains on a laptop CPU in under two minutes on 2 cores (the quick start).
 # Every architectural feature of the big presets is on: GQA (4 query heads share 2 KV heads), RoPE, SwiGLU.
 out_dir = "out/tiny"
 data_dir = "data/openstax_gpt2"
