@@ -179,19 +179,19 @@ def make_optimizer(model, cfg, device):
     raise ValueError(f"optimizer='{cfg['optimizer']}': expected 'adamw' or 'sophia'")
 
 
-def refresh_hessian(raw_model, optimizer, micro_batches, grad_accum, label_seed, autocast, device, cfg):
+def refresh_hessian(raw_model, optimizer, micro_batch, label_seed, autocast, device, cfg):
     """Sophia's curvature estimate (Gauss-Newton-Bartlett): the gradient of the loss on labels *sampled from the
-    model's own softmax*, squared, is an unbiased estimate of the Gauss-Newton diagonal. It uses the same
-    micro-batches (so the same number of tokens, Sophia's bs) as the step just taken, scaled and clipped like an
-    ordinary gradient. The labels depend only on (seed, step, rank): a resumed run draws the same ones."""
+    model's own softmax*, squared, is an unbiased estimate of the Gauss-Newton diagonal. As in the Sophia paper's
+    code, one micro-batch per process is enough (the EMA over refreshes averages the noise), so the estimate costs
+    1 / (hess_interval * grad_accum) of the training compute. Under DDP its backward all-reduces like an ordinary
+    one. The labels depend only on (seed, step, rank): a resumed run draws the same ones."""
     from kernels.sophia import sampled_label_loss
     label_gen = torch.Generator(device=device).manual_seed(label_seed)
-    for model, x, y, sync in micro_batches:
-        with sync:
-            with autocast:
-                logits, _ = model(x)
-            # SFT data: only the trained positions count, as in the ordinary loss
-            (sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen) / grad_accum).backward()
+    model, x, y, _ = micro_batch
+    with autocast:
+        logits, _ = model(x)
+    # SFT data: only the trained positions count, as in the ordinary loss
+    sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
     optimizer.update_hessian()
     optimizer.zero_grad(set_to_none=True)
@@ -421,7 +421,7 @@ def train(cfg):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg["optimizer"] == "sophia" and step % cfg["hess_interval"] == cfg["hess_interval"] - 1:
-                refresh_hessian(raw_model, optimizer, micro_batches(step), grad_accum,
+                refresh_hessian(raw_model, optimizer, next(micro_batches(step)),  # the step's first micro-batch
                                 (cfg["seed"] * 1_000_003 + step) * world + rank, autocast, device, cfg)
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)

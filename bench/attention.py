@@ -14,7 +14,10 @@ dQ with fp32 atomics inside the dK/dV kernel (NANOFORGE_ATTN_DETERMINISTIC=0). E
 time is printed and written to the notes, so the tuning lists in kernels/attention.py can be checked.
 Peers, each forced with torch.nn.attention.sdpa_kernel: FLASH_ATTENTION (FlashAttention-2), CUDNN_ATTENTION,
 EFFICIENT_ATTENTION (xformers' memory-efficient kernel). GQA shapes use enable_gqa=True; a backend that refuses
-a shape is reported as 'n/a'. Each timing is the median of CUDA-event timed runs with the L2 flushed between.
+a shape is reported as 'n/a'. Each timing is the median of CUDA-event timed calls queued back to back with the
+L2 flushed before each (GPU time: the host launches the next call while the GPU runs this one, as in training);
+the host's own time per call (Python, checks, launches) is a separate column, since it decides speed only when
+the GPU runs out of queued work. NANOFORGE_ATTN_TUNE=wide widens the autotuner's search (kernels/attention.py).
 """
 import os
 import sys
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import RESULTS_DIR, gpu_name, time_ms, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, gpu_name, host_us, time_ms, write_results  # noqa: E402
 from kernels import attention as A  # noqa: E402
 
 SHAPES = [  # (B, Hq, Hkv, T, D)
@@ -65,7 +68,10 @@ def make_inputs(B, Hq, Hkv, T, D):
 
 
 def measure(fn, q, k, v, do):
-    """(forward ms, forward+backward ms), or None where the implementation refuses the shape."""
+    """(forward ms, forward+backward ms, host us forward, host us forward+backward), or None where the
+    implementation refuses the shape. The ms are GPU time of calls queued back to back (time_ms(queued=True)),
+    the throughput a training step sees while the GPU stays busy; host us is the Python + launch cost per call,
+    which only shows when a call's GPU work is shorter than it (small shapes, or eager code with idle gaps)."""
     try:
         with torch.no_grad():
             fn(q, k, v)  # first call: compile / autotune / refuse
@@ -80,7 +86,8 @@ def measure(fn, q, k, v, do):
 
     def fwd_bwd():
         torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-    return time_ms(fwd, reps=30, warmup=5), time_ms(fwd_bwd, reps=20, warmup=3)
+    return (time_ms(fwd, reps=30, warmup=5, queued=True), time_ms(fwd_bwd, reps=20, warmup=3, queued=True),
+            host_us(fwd), host_us(fwd_bwd))
 
 
 def main():
@@ -101,11 +108,12 @@ def main():
             ms = measure(fn, q, k, v, do)
             results[(shape, impl)] = ms
             if ms is None:
-                rows.append([name, impl, "n/a", "n/a", "n/a", "n/a"])
+                rows.append([name, impl] + ["n/a"] * 6)
                 continue
             tf_fwd, tf_all = flops / ms[0] / 1e9, 3.5 * flops / ms[1] / 1e9
-            rows.append([name, impl, ms[0], tf_fwd, ms[1], tf_all])
-            print(f"  {impl:16s} fwd {ms[0]:8.3f} ms {tf_fwd:6.1f} TFLOP/s   fwd+bwd {ms[1]:8.3f} ms {tf_all:6.1f} TFLOP/s")
+            rows.append([name, impl, ms[0], tf_fwd, ms[1], tf_all, ms[2], ms[3]])
+            print(f"  {impl:16s} fwd {ms[0]:8.3f} ms {tf_fwd:6.1f} TFLOP/s   fwd+bwd {ms[1]:8.3f} ms {tf_all:6.1f} "
+                  f"TFLOP/s   host {ms[2]:5.0f} / {ms[3]:5.0f} us")
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -135,13 +143,14 @@ def main():
                            for k, v in A.tune_log.items())
     print("autotuning candidates (kernel time at the first shape of each head dim):\n" + candidates)
     notes = ("Causal, bf16, (B, T, H, D) views. TFLOP/s convention: causal forward = 2*B*Hq*T^2*D FLOPs, "
-             "forward+backward = 3.5x that (same numerator for every implementation). Speed-ups are "
-             "peer ms / our ms (> 1: ours faster).\n\n" + "\n".join(f"- {line}" for line in ratio_lines)
+             "forward+backward = 3.5x that (same numerator for every implementation). ms: median GPU time of "
+             "calls queued back to back (L2 flushed before each); host us: Python + launch time per call. "
+             "Speed-ups are peer ms / our ms (> 1: ours faster).\n\n" + "\n".join(f"- {line}" for line in ratio_lines)
              + f"\n\nAutotuned configs: {tuned or 'none (NANOFORGE_ATTN_AUTOTUNE=0)'}"
              + "\n\nEvery candidate timed by the autotuner (kernel alone; first shape of each head dim):\n"
              + candidates)
     write_results("attention", ["shape", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
-                                "fwd+bwd TFLOP/s"], rows, notes)
+                                "fwd+bwd TFLOP/s", "host us fwd", "host us fwd+bwd"], rows, notes)
     plot(rows)
 
 

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 
 import torch
 
@@ -35,26 +36,44 @@ def gpu_name():
 _flush_buffer = None
 
 
-def time_ms(fn, reps=50, warmup=10, flush_l2=True):
-    """Median milliseconds of fn() over `reps` runs, each timed with CUDA events."""
+def time_ms(fn, reps=50, warmup=10, flush_l2=True, queued=False):
+    """Median milliseconds of fn() over `reps` runs, each timed with CUDA events (after an L2 flush).
+    queued=False: a synchronisation after every run, so each time is one call from an idle GPU and includes
+    the host's launch overhead wherever it exceeds the flush (the wall time of a single eager call).
+    queued=True: the runs are queued back to back with one synchronisation at the end, so the host launches
+    run n+1 while the GPU works on run n: what is timed is GPU time, as in a training step that keeps the GPU
+    busy (and as triton.testing.do_bench does). Host overhead is then invisible unless it exceeds the GPU time
+    of a run (flush included): measure it separately (host_us)."""
     global _flush_buffer
     if flush_l2 and _flush_buffer is None:
         _flush_buffer = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")  # > any L2 (50-60 MB)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
         if flush_l2:
             _flush_buffer.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+        if not queued:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
     return times[len(times) // 2]
+
+
+def host_us(fn, reps=20):
+    """Microseconds of host time per call, the GPU left to run behind (no synchronisation inside the loop)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e6
 
 
 def copy_bandwidth_gbs(nbytes=2 * 1024**3):

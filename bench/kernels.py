@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import RESULTS_DIR, copy_bandwidth_gbs, gpu_name, time_ms, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, copy_bandwidth_gbs, gpu_name, host_us, time_ms, write_results  # noqa: E402
 from kernels import set_backend  # noqa: E402
 import kernels.rmsnorm as rms  # noqa: E402
 import kernels.rope as rope  # noqa: E402
@@ -170,18 +170,6 @@ def gpu_ms(fn, reps=10):
         if e.device_type == torch.autograd.DeviceType.CUDA and "bitwise_not" not in e.name:
             per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / reps / 1000
     return sum(per_kernel.values()), per_kernel
-
-
-def host_us(fn, reps=20):
-    """Microseconds of host time per call, the GPU left to run behind (no synchronisation inside the loop)."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / reps * 1e6
 
 
 def calls(fn, inputs, grads):

@@ -180,33 +180,41 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, sqt, sdot, offs_n, offs_d, T, qk_scale, lo,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                DQ_ATOMIC: tl.constexpr):
-    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, T).
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, sqt, sdot, offs_n, offs_d, T, qk_scale, lo, hi,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """One query head's contribution to a key block's dK, dV, from the query blocks [lo, hi).
     Works with transposed tiles (keys x queries), so that dV = P^T dO and dK = dS^T Q are plain products.
-    One loop, every tile masked (causal and the end of the sequence). This kernel holds two (BLOCK_N, D) fp32
-    accumulators, and a second, unmasked copy of the loop for the bulk (as in the other kernels) costs it ~60
-    registers (Triton 3.6, sm_90: 198 -> 255 and spills at D 64, BLOCK_M 32), which halves how many programs
-    share an SM: worth more than the mask's few instructions per score. (The loop is latency-bound: Triton
-    waits for each product before the next, so only other programs on the SM hide the latency.)
+    MASKED: mask queries >= T and (causal) queries before a key. Whether the bulk of the walk gets its own
+    unmasked copy of this loop is a tuning choice (DIAG_SPLIT in _attn_bwd_dkdv): the copy saves the mask's few
+    instructions per score but costs registers, as this kernel already holds two (BLOCK_N, D) fp32
+    accumulators; at D 64 it pushed Triton 3.6 from 198 to 255 registers and spills (sm_90, BLOCK_M 32), which
+    halves how many programs share an SM. The loop is latency-bound (Triton waits for each product before the
+    next), so other programs on the SM are what hides the latency: the tuner times both and keeps the faster.
     DQ_ATOMIC: also dQ += dS K for these queries, added in fp32 to DQACC with atomics (see _backward)."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     q_ptrs = Q + offs_m[:, None] * sqt + offs_d[None, :]
     do_ptrs = DO + offs_m[:, None] * sdot + offs_d[None, :]
-    for start_m in range(lo, T, BLOCK_M):
+    for start_m in range(lo, hi, BLOCK_M):
         rows = offs_m < T
-        q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
+        if MASKED:
+            q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)             # S^T / c   (BLOCK_N, BLOCK_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)           # dP^T = V dO^T
         p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)   # P^T = exp(S - LSE), recomputed
-        keep = rows[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[None, :] >= offs_n[:, None])
-        p_t = tl.where(keep, p_t, 0.0)
+        if MASKED:
+            keep = rows[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)   # dV += P^T dO
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)                  # dS^T = P^T * (dP^T - Delta)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)                 # dK += dS^T Q   (times c later)
@@ -226,7 +234,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
                    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                    T, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                   DIAG_SPLIT: tl.constexpr):
     # grid (key blocks, Hkv, B). Causal: early keys are seen by the most queries; axis 0 in order launches
     # those heaviest programs first.
     start_n = tl.program_id(0) * BLOCK_N
@@ -240,13 +249,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
     v = tl.load(V + b * svb + kv * svh + offs_n[:, None] * svt + offs_d[None, :], mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # The query blocks this key block meets: causal, from the diagonal on (queries before start_n never see
+    # these keys); otherwise all. DIAG_SPLIT: the mask only where it can bite, i.e. the diagonal block(s)
+    # [start_n, start_n + BLOCK_N) and the partial block at T; the blocks between run the unmasked loop.
+    lo = start_n if CAUSAL else 0
+    t_full = (T // BLOCK_M) * BLOCK_M                       # queries below this are all < T
+    mid = 0
+    if CAUSAL:
+        mid = tl.minimum(start_n + BLOCK_N, T)              # end of the diagonal part
     for g in range(GROUP):  # GQA: sum the group's query heads into this kv head's dK, dV, in registers
         h = kv * GROUP + g
-        # causal: queries before start_n never see these keys, so the walk starts at the diagonal block
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh,
-                             LSE + (b * Hq + h) * T, DELTA + (b * Hq + h) * T, DQACC + (b * Hq + h) * T * HEAD_DIM,
-                             sqt, sdot, offs_n, offs_d, T, qk_scale, start_n if CAUSAL else 0,
-                             HEAD_DIM, BLOCK_M, CAUSAL, PRECISION, DQ_ATOMIC)
+        q_h, do_h = Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh
+        lse_h, delta_h = LSE + (b * Hq + h) * T, DELTA + (b * Hq + h) * T
+        dq_h = DQACC + (b * Hq + h) * T * HEAD_DIM
+        if DIAG_SPLIT:
+            if CAUSAL:
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, sqt, sdot, offs_n, offs_d, T,
+                                     qk_scale, lo, mid, HEAD_DIM, BLOCK_M, True, CAUSAL, PRECISION, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, sqt, sdot, offs_n, offs_d, T,
+                                 qk_scale, mid, t_full, HEAD_DIM, BLOCK_M, False, CAUSAL, PRECISION, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, sqt, sdot, offs_n, offs_d, T,
+                                 qk_scale, tl.maximum(t_full, mid), T, HEAD_DIM, BLOCK_M, True, CAUSAL,
+                                 PRECISION, DQ_ATOMIC)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, sqt, sdot, offs_n, offs_d, T,
+                                 qk_scale, lo, T, HEAD_DIM, BLOCK_M, True, CAUSAL, PRECISION, DQ_ATOMIC)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kv * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=cols)
@@ -381,6 +408,38 @@ TUNE_CONFIGS = {
 }
 
 
+# NANOFORGE_ATTN_TUNE=wide adds these to the search (bench/attention.py on a new GPU or Triton: the winners are
+# what belongs in the short lists above). A config's optional 5th entry is maxnreg (0: no cap), the 6th, dK/dV
+# only, DIAG_SPLIT (1: the mask on the diagonal and last blocks only; see _dkdv_inner).
+WIDE_CONFIGS = {
+    "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2), (64, 64, 4, 2), (128, 128, 8, 4),
+                 (64, 32, 4, 4), (128, 32, 4, 3)],
+            128: [(128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3),
+                  (128, 32, 4, 3), (128, 128, 8, 1)]},
+    "dkdv": {64: [(16, 64, 4, 3, 0, 1), (32, 64, 4, 3, 0, 1), (32, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 2, 0, 1),
+                  (64, 64, 4, 2), (16, 128, 8, 3), (32, 128, 4, 2), (16, 64, 4, 4), (64, 128, 8, 2), (16, 32, 4, 3),
+                  (32, 64, 4, 4)],
+             128: [(32, 128, 8, 1, 0, 1), (32, 128, 8, 2, 0, 1), (64, 128, 8, 1), (64, 128, 8, 1, 0, 1),
+                   (32, 128, 4, 1), (32, 128, 4, 2), (32, 64, 4, 2), (32, 64, 4, 2, 0, 1), (64, 64, 4, 2),
+                   (64, 64, 8, 2), (16, 128, 8, 1, 0, 1), (32, 128, 8, 3), (16, 64, 4, 3, 0, 1), (64, 128, 8, 2)]},
+    "dq": {64: [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 2),
+                (128, 128, 8, 3), (64, 32, 4, 4)],
+           128: [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4), (64, 32, 4, 4),
+                 (128, 128, 8, 1)]},
+    "fused": {64: [(16, 64, 4, 3, 168, 1), (32, 64, 4, 2, 0, 1)],
+              128: [(32, 128, 8, 2, 0, 1), (32, 128, 8, 1)]},
+}
+TUNE_WIDE = os.environ.get("NANOFORGE_ATTN_TUNE", "") == "wide"
+
+
+def _fits(kind, config, head_dim):
+    """The kernels' block rules (BLOCK_M % BLOCK_N == 0 in fwd and dQ, the transpose in dK/dV) and the shared
+    memory budget."""
+    bm, bn = config[:2]
+    aligned = bn % bm == 0 if kind in ("dkdv", "fused") else bm % bn == 0
+    return aligned and _smem_bytes(kind, config, head_dim) <= SMEM_LIMIT
+
+
 def _smem_bytes(kind, config, head_dim, elt=2):
     """Shared memory a config needs, roughly: the pipelined tiles times the stages plus what stays resident."""
     bm, bn, _, stages = config[:4]
@@ -411,8 +470,9 @@ def _pick_config(kind, launch, head_dim, causal, dtype):
     key = (kind, head_dim, causal, dtype)
     if key not in _tuned:
         timings, error = {}, None
-        for config in TUNE_CONFIGS[kind][128 if head_dim > 64 else 64]:
-            if _smem_bytes(kind, config, head_dim) > SMEM_LIMIT:
+        size = 128 if head_dim > 64 else 64
+        for config in TUNE_CONFIGS[kind][size] + (WIDE_CONFIGS[kind][size] if TUNE_WIDE else []):
+            if not _fits(kind, config, head_dim):
                 continue
             try:
                 timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
@@ -460,8 +520,8 @@ def _bthd_empty(q):
 
 
 def _launch(kernel, grid_of, config, *args, **constexprs):
-    bm, bn, warps, stages = config[:4]
-    options = {"maxnreg": config[4]} if len(config) > 4 else {}
+    bm, bn, warps, stages, maxnreg = (tuple(config) + (0,))[:5]
+    options = {"maxnreg": maxnreg} if maxnreg else {}
     kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                             **options)
 
@@ -514,7 +574,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, deterministic=True):
         _launch(_attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(T, bn), Hkv, B), config,
                 q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *dk.stride()[:3], *dv.stride()[:3],
                 T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision,
-                DQ_ATOMIC=not deterministic)
+                DQ_ATOMIC=not deterministic, DIAG_SPLIT=bool(config[5]) if len(config) > 5 else False)
 
     def launch_dq(config):
         _launch(_attn_bwd_dq, lambda bm, bn: (triton.cdiv(T, bm), Hq, B), config,

@@ -148,6 +148,29 @@ def test_small_blocks(monkeypatch):
     check(1, 4, 2, 41, 64, False, torch.float32)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two_kernels", "atomic_dq"])
+@pytest.mark.parametrize("T,causal", [(70, True), (64, True), (41, False), (20, True)])
+def test_dkdv_diag_split(T, causal, deterministic, monkeypatch):
+    """DIAG_SPLIT (6th config entry): the dK/dV walk masked on the diagonal and the last partial block only, the
+    unmasked loop between. T = 70: diagonal, bulk and a partial tail; 64: no tail; 20: all inside one key block."""
+    configs = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1, 0, 1), "dq": (32, 16, 4, 1),
+               "fused": (16, 32, 4, 1, 0, 1)}
+    monkeypatch.setattr(A, "_pick_config", lambda kind, *args: configs[kind])
+    check(2, 4, 2, T, 64, causal, torch.float32, deterministic=deterministic)
+
+
+def test_tuning_lists_follow_the_block_rules():
+    """Every candidate, short list and wide, respects the kernels' block rules (or _fits prunes it: then it
+    is dead weight in the list, so none may be pruned by the rules alone)."""
+    for lists in (A.TUNE_CONFIGS, A.WIDE_CONFIGS):
+        for kind, by_dim in lists.items():
+            for D, configs in by_dim.items():
+                for c in configs:
+                    bm, bn = c[:2]
+                    assert (bn % bm if kind in ("dkdv", "fused") else bm % bn) == 0, (kind, D, c)
+                    assert len(c) <= (6 if kind in ("dkdv", "fused") else 5), (kind, D, c)
+
+
 @pytest.mark.parametrize("B,Hq,Hkv,T,D,causal", [(2, 4, 2, 70, 64, True), (1, 4, 1, 41, 64, False),
                                                 (1, 2, 2, 129, 64, True), (1, 2, 1, 33, 128, True),
                                                 (1, 2, 1, 1, 64, True)])
@@ -262,7 +285,7 @@ def test_autotune_picks_fastest_and_remembers(monkeypatch):
     o, lse = A._forward(q, k, v, True, 0.125)
     grads = A._backward(do, q, k, v, o, lse, True, 0.125)
     for kind in ("fwd", "dkdv", "dq"):
-        fitting = [i for i, c in enumerate(A.TUNE_CONFIGS[kind][64]) if A._smem_bytes(kind, c, 64) <= A.SMEM_LIMIT]
+        fitting = [i for i, c in enumerate(A.TUNE_CONFIGS[kind][64]) if A._fits(kind, c, 64)]
         assert [i for kd, i in calls if kd == kind] == fitting  # each candidate that fits, once
         assert A._tuned[(kind, 64, True, torch.float16)] == A.TUNE_CONFIGS[kind][64][1]
     monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **kw: pytest.fail("tuned twice"))
@@ -362,8 +385,8 @@ def test_gpu_sweep(T, B, Hq, Hkv, D, causal, dtype, fixed_configs):
 def test_gpu_every_tuning_config(kind, D, monkeypatch):
     """Whatever the autotuner picks must be right: each candidate config of each kernel, forced in turn."""
     defaults = {k: A.default_config(k, D, torch.bfloat16) for k in ("fwd", "dkdv", "dq", "fused")}
-    for config in A.TUNE_CONFIGS[kind][D]:
-        if A._smem_bytes(kind, config, D) > A.SMEM_LIMIT:
+    for config in A.TUNE_CONFIGS[kind][D] + A.WIDE_CONFIGS[kind][D]:
+        if not A._fits(kind, config, D):
             continue
         chosen = {**defaults, kind: config}
         monkeypatch.setattr(A, "_pick_config", lambda k, *args: chosen[k])
@@ -410,11 +433,17 @@ def test_gpu_deterministic(fixed_configs):
 
 @pytest.mark.gpu
 def test_gpu_compile_and_dispatch(fixed_configs):
-    """On CUDA, attention() in 'auto' takes the Triton path; torch.compile (inductor) runs it unchanged."""
+    """On CUDA, attention() with attention=triton takes the Triton path ('auto' keeps SDPA, see
+    kernels/__init__.py); torch.compile (inductor) runs it unchanged."""
     q, k, v = (x.requires_grad_() for x in make_qkv(2, 8, 2, 200, 64, torch.bfloat16, device="cuda"))
     fn = lambda q, k, v: A.attention(q, k, v).float().square().sum()  # noqa: E731
-    eager = torch.autograd.grad(fn(q, k, v), (q, k, v))
-    compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True)(q, k, v), (q, k, v))
+    try:
+        kernels.set_backend("auto,attention=triton")
+        eager = torch.autograd.grad(fn(q, k, v), (q, k, v))
+        compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True)(q, k, v), (q, k, v))
+        dispatched = A.attention(q, k, v)
+    finally:
+        kernels.set_backend("auto")
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)  # bf16 tolerances: inductor may round the loss's gradient differently
-    torch.testing.assert_close(A.attention(q, k, v), A.attention_triton(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(dispatched, A.attention_triton(q, k, v), rtol=0, atol=0)
