@@ -389,45 +389,46 @@ def default_config(kind, head_dim, dtype):
     return FP32_CONFIGS[kind][size] if dtype == torch.float32 else TUNE_CONFIGS[kind][size][0]
 
 
-# The autotuning search space for 16-bit inputs on a GPU, per head dim (64 stands for <= 64). Chosen offline by
-# compiling every candidate for sm_90 with Triton 3.6 and keeping those that neither spill registers (beyond a
-# few bytes) nor overflow shared memory; bench/attention.py prints every candidate's time. The dK/dV kernel is
-# the tight one: it holds two (BLOCK_N, D) fp32 accumulators. Timed once per (kernel, head dim, causal, dtype),
-# so the first call of a run pays ~15 compiles per head dim (~30 s; Triton caches them on disk after that).
-# The first entry is the untuned default: the autotuner's pick on an H200 (commit 45f74da) at B16 H12 T1024 D64
-# and B4 H16 T4096 D128. The maxnreg candidates and the "fused" list are compiled, not yet timed on a GPU.
+# The autotuning search space for 16-bit inputs on a GPU, per head dim (64 stands for <= 64): the fastest few of
+# the wide search below as timed on an H100 (Triton 3.6, bench/attention.py with NANOFORGE_ATTN_TUNE=wide at
+# B16 H12 T1024 D64 and B4 H16 T4096 D128; every candidate's time is in bench/results/attention.md). A config is
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg[, DIAG_SPLIT]]): maxnreg caps registers per thread (0: no
+# cap), DIAG_SPLIT (dK/dV only) masks only the diagonal and last blocks (see _dkdv_inner). Timed once per
+# (kernel, head dim, causal, dtype), so the first call of a run pays ~5 compiles per kernel and head dim (Triton
+# caches them on disk after that). The first entry is the default when not tuning.
 TUNE_CONFIGS = {
-    "fwd": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 2)],
-            128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4)]},
-    "dkdv": {64: [(16, 64, 4, 3), (16, 64, 4, 2, 128), (32, 64, 8, 2, 128), (16, 64, 4, 3, 128), (32, 64, 4, 3)],
-             128: [(32, 128, 8, 1), (32, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 4, 3)]},
-    "dq": {64: [(64, 64, 4, 3), (64, 64, 4, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 3), (128, 64, 8, 3)],
-           128: [(128, 64, 8, 3), (128, 32, 8, 3, 128), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)]},
-    "fused": {64: [(16, 64, 4, 3, 168), (32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2)],
-              128: [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 3)]},
+    "fwd": {64: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (128, 64, 8, 3)],
+            128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3)]},
+    "dkdv": {64: [(32, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 3, 0, 1), (16, 64, 4, 2, 128), (32, 64, 4, 3)],
+             128: [(64, 128, 8, 1, 0, 1), (32, 64, 4, 2, 0, 1), (64, 128, 8, 2), (64, 128, 8, 2, 0, 1),
+                   (64, 64, 4, 2, 0, 1)]},
+    "dq": {64: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3, 128), (64, 32, 4, 4)],
+           128: [(128, 64, 8, 3), (128, 32, 8, 3, 128), (64, 32, 4, 4), (128, 32, 8, 3)]},
+    "fused": {64: [(16, 64, 4, 3, 168), (32, 64, 4, 2, 0, 1), (32, 64, 4, 2)],
+              128: [(32, 128, 8, 2, 0, 1), (32, 128, 8, 1), (32, 128, 8, 2)]},
 }
-
-
-# NANOFORGE_ATTN_TUNE=wide adds these to the search (bench/attention.py on a new GPU or Triton: the winners are
-# what belongs in the short lists above). A config's optional 5th entry is maxnreg (0: no cap), the 6th, dK/dV
-# only, DIAG_SPLIT (1: the mask on the diagonal and last blocks only; see _dkdv_inner).
+# NANOFORGE_ATTN_TUNE=wide adds these to the search (for a new GPU or Triton version: the winners belong in the
+# short lists above). Some are here to show what does not pay: 4 warps on 128-key dK/dV tiles at D 128 ran
+# 2.4-3x slower than 8 on an H100.
 WIDE_CONFIGS = {
-    "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2), (64, 64, 4, 2), (128, 128, 8, 4),
-                 (64, 32, 4, 4), (128, 32, 4, 3)],
-            128: [(128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3),
-                  (128, 32, 4, 3), (128, 128, 8, 1)]},
-    "dkdv": {64: [(16, 64, 4, 3, 0, 1), (32, 64, 4, 3, 0, 1), (32, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 2, 0, 1),
-                  (64, 64, 4, 2), (16, 128, 8, 3), (32, 128, 4, 2), (16, 64, 4, 4), (64, 128, 8, 2), (16, 32, 4, 3),
-                  (32, 64, 4, 4)],
-             128: [(32, 128, 8, 1, 0, 1), (32, 128, 8, 2, 0, 1), (64, 128, 8, 1), (64, 128, 8, 1, 0, 1),
-                   (32, 128, 4, 1), (32, 128, 4, 2), (32, 64, 4, 2), (32, 64, 4, 2, 0, 1), (64, 64, 4, 2),
-                   (64, 64, 8, 2), (16, 128, 8, 1, 0, 1), (32, 128, 8, 3), (16, 64, 4, 3, 0, 1), (64, 128, 8, 2)]},
-    "dq": {64: [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 2),
-                (128, 128, 8, 3), (64, 32, 4, 4)],
-           128: [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4), (64, 32, 4, 4),
-                 (128, 128, 8, 1)]},
-    "fused": {64: [(16, 64, 4, 3, 168, 1), (32, 64, 4, 2, 0, 1)],
-              128: [(32, 128, 8, 2, 0, 1), (32, 128, 8, 1)]},
+    "fwd": {64: [(128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2),
+                 (128, 128, 8, 4), (64, 32, 4, 4), (128, 32, 4, 3)],
+            128: [(128, 32, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4), (128, 128, 8, 2), (128, 64, 4, 3),
+                  (64, 64, 4, 2), (128, 32, 4, 3), (128, 128, 8, 1)]},
+    "dkdv": {64: [(16, 64, 4, 2, 128), (32, 64, 8, 2, 128), (16, 64, 4, 3, 128), (16, 64, 4, 3, 0, 1),
+                  (32, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 2, 0, 1), (64, 64, 4, 2), (16, 128, 8, 3),
+                  (16, 64, 4, 4), (64, 128, 8, 2), (16, 32, 4, 3), (32, 64, 4, 4), (32, 128, 4, 2, 0, 1),
+                  (64, 64, 4, 2, 0, 1), (64, 128, 8, 1, 0, 1)],
+             128: [(32, 128, 8, 1), (32, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 4, 3),
+                   (32, 128, 8, 1, 0, 1), (32, 128, 8, 2, 0, 1), (64, 128, 8, 1), (32, 128, 4, 1), (32, 64, 4, 2),
+                   (64, 64, 4, 2), (64, 64, 8, 2), (16, 128, 8, 1, 0, 1), (32, 128, 8, 3), (16, 64, 4, 3, 0, 1),
+                   (64, 128, 8, 3, 0, 1), (32, 64, 4, 3, 0, 1), (64, 64, 4, 3, 0, 1), (64, 128, 8, 1, 168, 1)]},
+    "dq": {64: [(64, 64, 4, 3, 128), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4),
+                (128, 32, 4, 3), (64, 64, 4, 2), (128, 128, 8, 3)],
+           128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4),
+                 (128, 128, 8, 1), (128, 128, 8, 2)]},
+    "fused": {64: [(16, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 3, 168, 1)],
+              128: [(16, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 3), (64, 128, 8, 1, 0, 1)]},
 }
 TUNE_WIDE = os.environ.get("NANOFORGE_ATTN_TUNE", "") == "wide"
 
@@ -619,9 +620,11 @@ def _(do, q, k, v, o, lse, causal, scale, deterministic):
 
 
 class FlashAttention(torch.autograd.Function):
+    # Eager calls skip the custom-op dispatch (tens of microseconds of host time per call) and run the launchers
+    # directly; under torch.compile the ops are what the graph records.
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, deterministic):
-        o, lse = flash_attn_fwd(q, k, v, causal, scale)
+        o, lse = (flash_attn_fwd if torch.compiler.is_compiling() else _forward)(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)  # O and LSE: all the backward needs to rebuild P
         ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
         return o
@@ -629,7 +632,8 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+        bwd = flash_attn_bwd if torch.compiler.is_compiling() else _backward
+        dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
