@@ -39,6 +39,7 @@ tokenizer = "gpt2"                  # tiktoken encoding the shards were made wit
 init_from = "scratch"               # 'scratch' | 'resume' (out_dir/ckpt.pt) | a path to a checkpoint to start from
 eval_interval = 250                 # steps between validation + checkpoint
 eval_iters = 20                     # micro-batches per validation (a fixed token budget: the same windows each time)
+save_checkpoints = True             # False: evaluate without writing ckpt.pt / best.pt (throwaway studies, benchmarks)
 log_interval = 10
 seed = 1337
 # model (GPTConfig fields; see model.py)
@@ -333,6 +334,8 @@ def train(cfg):
             kept = [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
+        with open(os.path.join(cfg["out_dir"], "run_config.json"), "w") as f:  # the resolved settings, readable
+            json.dump(cfg, f, indent=1)                                        # without loading a checkpoint
     flops_per_step = raw_model.flops_per_token() * tokens_per_step
     peak = gpu_peak_flops(cfg, device) * world
 
@@ -455,20 +458,22 @@ def train(cfg):
                 val = evaluate()
                 bpb = val / math.log(2) / val_bytes_per_token if val_bytes_per_token else float("nan")
                 log(f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}")
-                if master:
+                if master and cfg["save_checkpoints"]:
                     best_val = min(best_val, val)
                     payload = checkpoint_payload()
                     save_checkpoint(ckpt_path, payload)
                     if val <= best_val:
                         save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
                                         {k: payload[k] for k in ("model", "config", "step", "best_val_loss")})
+                if master:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": step, "val_loss": val, "val_bpb": bpb,
                                             "tokens": step * tokens_per_step, "time": time.time()}) + "\n")
                 t0 = time.time()  # evaluation and saving are not part of the next step's time
             if stop_now:
-                log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written to {ckpt_path}; "
-                    f"continue with --init_from=resume")
+                log(f"stopped by signal {stop['signal']} at step {step}; " + (
+                    f"checkpoint written to {ckpt_path}; continue with --init_from=resume" if cfg["save_checkpoints"]
+                    else "no checkpoint (save_checkpoints=False)"))
                 break
     finally:
         for s, h in old_handlers.items():
