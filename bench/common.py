@@ -84,16 +84,18 @@ def copy_bandwidth_gbs(nbytes=2 * 1024**3):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def write_results(name, header, rows, notes=""):
-    """Write bench/results/<name>.md (a table) and <name>.json (the rows), stamped with GPU, date, commit."""
+def write_results(name, header, rows, notes="", stamp=None):
+    """Write bench/results/<name>.md (a table) and <name>.json (the rows), stamped with GPU, date, commit.
+    stamp: the stamp of the machine that measured, when the rows are re-analysed elsewhere (e.g. on a CPU)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    stamp = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(),
-             "torch": torch.__version__}
-    try:
-        import triton
-        stamp["triton"] = triton.__version__
-    except Exception:
-        pass
+    if stamp is None:
+        stamp = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(),
+                 "torch": torch.__version__}
+        try:
+            import triton
+            stamp["triton"] = triton.__version__
+        except Exception:
+            pass
     lines = [f"# {name}", "", " · ".join(f"{k}: {v}" for k, v in stamp.items()), ""]
     if notes:
         lines += [notes, ""]

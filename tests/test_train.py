@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 import train
 from configurator import configure
 from conftest import ROOT, TINY_TEST_MODEL
+from model import GPT, GPTConfig
 
 
 def run_cfg(data_dir, out_dir, *extra):
@@ -170,3 +172,34 @@ def test_sophia_trains_and_resumes_exactly(sample_data_dir, tmp_path):
     ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
     hessians = [s["hessian"] for s in ckpt["optimizer"]["state"].values()]
     assert hessians and all(h.abs().sum() > 0 for h in hessians)   # the estimate was refreshed and saved
+
+
+def test_save_checkpoints_off_and_run_config(sample_data_dir, tmp_path):
+    """save_checkpoints=False: evaluations still logged, no ckpt.pt / best.pt; run_config.json holds the resolved
+    settings either way."""
+    train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=4", "--eval_interval=2", "--save_checkpoints=False"))
+    _, val = losses(tmp_path)
+    assert len(val) == 3  # steps 0, 2, 4
+    assert not os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "best.pt")
+    saved = json.load(open(tmp_path / "run_config.json"))
+    assert saved["max_iters"] == 4 and saved["save_checkpoints"] is False and saved["n_layer"] > 0
+
+
+def test_hessian_refresh_uses_one_micro_batch(sample_data_dir, tmp_path):
+    """Sophia's estimate: the sampled-label gradient of the step's FIRST micro-batch alone (as the paper's code),
+    so with grad_accum 2 the refreshed h equals (1 - beta2) * g^2 of that micro-batch's gradient."""
+    cfg = run_cfg(sample_data_dir, tmp_path, "--optimizer=sophia", "--batch_size=2", "--gradient_accumulation_steps=2")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS}))
+    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    x, y = torch.randint(0, 50257, (2, 2, cfg["block_size"])), torch.randint(0, 50257, (2, 2, cfg["block_size"]))
+    micro = [(model, x[i], y[i], nullcontext()) for i in range(2)]
+    train.refresh_hessian(model, opt, micro[0], 123, nullcontext(), torch.device("cpu"), cfg)
+    from kernels.sophia import sampled_label_loss
+    model.zero_grad()
+    logits, _ = model(x[0])
+    sampled_label_loss(logits, generator=torch.Generator().manual_seed(123)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    for p in model.parameters():
+        want = (1 - cfg["beta2"]) * p.grad.float() ** 2
+        torch.testing.assert_close(opt.state[p]["hessian"].view_as(p), want, rtol=1e-5, atol=1e-12)
