@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import RESULTS_DIR, gpu_name, host_us, time_ms, write_results  # noqa: E402
 from kernels import attention as A  # noqa: E402
+from kernels import attention_tuning as AT  # noqa: E402
 
 SHAPES = [  # (B, Hq, Hkv, T, D)
     (4, 16, 16, 4096, 128),
@@ -138,9 +139,9 @@ def main():
         ratio_lines.append(f"B{B} Hq{Hq} Hkv{Hkv} T{T} D{D} ours TFLOP/s: " + ", ".join(goal))
     print("\n".join(ratio_lines))
     tuned = "; ".join(f"{k[0]} D{k[1]} {str(k[3]).replace('torch.', '')}: BLOCK_M,BLOCK_N,warps,stages"
-                      f"[,maxnreg]={v}" for k, v in A._tuned.items())
+                      f"[,maxnreg]={v}" for k, v in AT._tuned.items())
     candidates = "\n".join(f"- {k[0]} D{k[1]}: " + ", ".join(f"{c} {ms * 1000:.0f} us" for c, ms in v.items())
-                           for k, v in A.tune_log.items())
+                           for k, v in AT.tune_log.items())
     print("autotuning candidates (kernel time at the first shape of each head dim):\n" + candidates)
     notes = ("Causal, bf16, (B, T, H, D) views. TFLOP/s convention: causal forward = 2*B*Hq*T^2*D FLOPs, "
              "forward+backward = 3.5x that (same numerator for every implementation). ms: median GPU time of "

@@ -16,8 +16,8 @@ The design
   twice, so the validation loss measures generalisation, not memorisation.
 * Every run: the same seed (same initial weights, same data order), 30 warmup steps (5%) then cosine decay,
   gradient clipping at 1, validation every 50 steps on the same 20 x 16 windows. Only the optimizer differs.
-* AdamW gets what a fair baseline needs: its learning rate tuned by a sweep (2.5e-4 to 2e-3), and a schedule decayed fully
-  to 0 (a half-decayed cosine leaves loss on the table). Weight decay 0.1, betas (0.9, 0.95).
+* AdamW gets what a fair baseline needs: its learning rate tuned by a sweep (2.5e-4 to 2e-3), and a schedule
+  decayed fully to 0 (a half-decayed cosine leaves loss on the table). Weight decay 0.1, betas (0.9, 0.95).
 * Sophia gets Lille's recipe exactly (the preset): lr 1e-4 -> 1e-5, rho 0.05, weight decay 0.2, betas
   (0.9, 0.95), Hessian refreshed every k = 10 steps. A second run at 3x that lr checks that the small published
   lr, chosen for 260k steps, is not what holds it back in a 600-step run.

@@ -19,6 +19,7 @@ import torch
 
 import kernels
 from kernels import attention as A
+from kernels import attention_tuning as AT
 from tolerance import assert_within_2x
 
 CUDA = torch.cuda.is_available()
@@ -136,14 +137,14 @@ def test_other_layouts():
 
 def test_square_blocks(monkeypatch):
     """Another block shape (16 x 16 everywhere): the diagonal is then exactly one tile."""
-    monkeypatch.setattr(A, "_pick_config", lambda kind, *args: (16, 16, 4, 1))
+    monkeypatch.setattr(A, "pick_config", lambda kind, *args: (16, 16, 4, 1))
     check(1, 4, 2, 35, 64, True, torch.float32)
 
 
 def test_small_blocks(monkeypatch):
     """32 x 16 tiles (16 x 32 for dK/dV): many blocks, and the diagonal split over two tiles, GQA with Hkv > 1."""
     configs = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-    monkeypatch.setattr(A, "_pick_config", lambda kind, *args: configs[kind])
+    monkeypatch.setattr(A, "pick_config", lambda kind, *args: configs[kind])
     check(2, 4, 2, 70, 64, True, torch.float32)
     check(1, 4, 2, 41, 64, False, torch.float32)
 
@@ -155,14 +156,14 @@ def test_dkdv_diag_split(T, causal, deterministic, monkeypatch):
     unmasked loop between. T = 70: diagonal, bulk and a partial tail; 64: no tail; 20: all inside one key block."""
     configs = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1, 0, 1), "dq": (32, 16, 4, 1),
                "fused": (16, 32, 4, 1, 0, 1)}
-    monkeypatch.setattr(A, "_pick_config", lambda kind, *args: configs[kind])
+    monkeypatch.setattr(A, "pick_config", lambda kind, *args: configs[kind])
     check(2, 4, 2, T, 64, causal, torch.float32, deterministic=deterministic)
 
 
 def test_tuning_lists_follow_the_block_rules():
     """Every candidate, short list and wide, respects the kernels' block rules (or _fits prunes it: then it
     is dead weight in the list, so none may be pruned by the rules alone)."""
-    for lists in (A.TUNE_CONFIGS, A.WIDE_CONFIGS):
+    for lists in (AT.TUNE_CONFIGS, AT.WIDE_CONFIGS):
         for kind, by_dim in lists.items():
             for D, configs in by_dim.items():
                 for c in configs:
@@ -253,9 +254,9 @@ def test_autotune_picks_fastest_and_remembers(monkeypatch):
     the fastest is kept per key, and the next call does not tune again. (In the interpreter on a CPU; on a GPU
     the real kernels run, timed by the fake clock.)"""
     import triton
-    monkeypatch.setattr(A, "interpreting", lambda: False)  # as on a GPU (the kernels still run interpreted)
-    monkeypatch.setattr(A, "AUTOTUNE", True)
-    monkeypatch.setattr(A, "_tuned", {})
+    monkeypatch.setattr(AT, "interpreting", lambda: False)  # as on a GPU (the kernels still run interpreted)
+    monkeypatch.setattr(AT, "AUTOTUNE", True)
+    monkeypatch.setattr(AT, "_tuned", {})
     # per kernel, in candidate order: the 2nd is fastest, the 4th does not compile, the others are slower
     clock = {1: 1.0, 3: None}
     calls = []
@@ -263,7 +264,7 @@ def test_autotune_picks_fastest_and_remembers(monkeypatch):
     def fake_bench(fn, warmup, rep):
         fn()
         kind, config = launched[-1]
-        index = A.TUNE_CONFIGS[kind][64].index(config)
+        index = AT.TUNE_CONFIGS[kind][64].index(config)
         calls.append((kind, index))
         ms = clock.get(index, 2.0 + index)
         if ms is None:
@@ -285,9 +286,9 @@ def test_autotune_picks_fastest_and_remembers(monkeypatch):
     o, lse = A._forward(q, k, v, True, 0.125)
     grads = A._backward(do, q, k, v, o, lse, True, 0.125)
     for kind in ("fwd", "dkdv", "dq"):
-        fitting = [i for i, c in enumerate(A.TUNE_CONFIGS[kind][64]) if A._fits(kind, c, 64)]
+        fitting = [i for i, c in enumerate(AT.TUNE_CONFIGS[kind][64]) if AT._fits(kind, c, 64)]
         assert [i for kd, i in calls if kd == kind] == fitting  # each candidate that fits, once
-        assert A._tuned[(kind, 64, True, torch.float16)] == A.TUNE_CONFIGS[kind][64][1]
+        assert AT._tuned[(kind, 64, True, torch.float16)] == AT.TUNE_CONFIGS[kind][64][1]
     monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **kw: pytest.fail("tuned twice"))
     o2, _ = A._forward(q, k, v, True, 0.125)
     torch.testing.assert_close(o2, o, rtol=0, atol=0)
@@ -365,7 +366,7 @@ def test_forced_triton_refuses_uncovered_shape_auto_falls_back(monkeypatch):
 @pytest.fixture
 def fixed_configs(monkeypatch):
     """The sweep runs the default (untuned) configs: one compile per variant, not the whole search space."""
-    monkeypatch.setattr(A, "AUTOTUNE", False)
+    monkeypatch.setattr(AT, "AUTOTUNE", False)
 
 
 @pytest.mark.gpu
@@ -384,12 +385,12 @@ def test_gpu_sweep(T, B, Hq, Hkv, D, causal, dtype, fixed_configs):
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_every_tuning_config(kind, D, monkeypatch):
     """Whatever the autotuner picks must be right: each candidate config of each kernel, forced in turn."""
-    defaults = {k: A.default_config(k, D, torch.bfloat16) for k in ("fwd", "dkdv", "dq", "fused")}
-    for config in A.TUNE_CONFIGS[kind][D] + A.WIDE_CONFIGS[kind][D]:
-        if not A._fits(kind, config, D):
+    defaults = {k: AT.default_config(k, D, torch.bfloat16) for k in ("fwd", "dkdv", "dq", "fused")}
+    for config in AT.TUNE_CONFIGS[kind][D] + AT.WIDE_CONFIGS[kind][D]:
+        if not AT._fits(kind, config, D):
             continue
         chosen = {**defaults, kind: config}
-        monkeypatch.setattr(A, "_pick_config", lambda k, *args: chosen[k])
+        monkeypatch.setattr(A, "pick_config", lambda k, *args: chosen[k])
         check(2, 8, 2, 1000, D, True, torch.bfloat16, device="cuda", deterministic=kind != "fused")
 
 
@@ -410,7 +411,7 @@ def test_gpu_atomic_dq(T, Hq, Hkv, D, causal, fixed_configs):
 def test_gpu_autotuned_path():
     """The real autotuning path once (it picks, remembers, and the result is still right)."""
     check(2, 8, 2, 513, 128, True, torch.bfloat16, device="cuda")
-    assert any(key[1] == 128 for key in A._tuned)
+    assert any(key[1] == 128 for key in AT._tuned)
 
 
 @pytest.mark.gpu
