@@ -28,10 +28,10 @@ KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "sophia")
 _CHOICES = ("auto", "triton", "torch")
 _backend = {}  # kernel name -> 'auto' | 'triton' | 'torch'
 
-# Measured, not assumed (bench/results/attention.md, e2e_kernels_h200/, H200, 2026-11-22): our flash attention
-# beats SDPA's FlashAttention-2 backend at head dim 128 but not cuDNN's, and at head dim 64 (gpt2_124m) its
-# backward runs at 0.64x of SDPA-flash: compiled gpt2_124m training is ~2% slower with it (450k vs 460k tok/s).
-# So 'auto' keeps SDPA for attention; `NANOFORGE_KERNELS=auto,attention=triton` opts in.
+# Measured, not assumed (bench/results/attention.md and e2e_attention_h100/, H100, 2026-11-22): our flash attention
+# beats SDPA's FlashAttention-2 backend (1.17-1.23x forward + backward) but not cuDNN's (0.68-0.80x), and SDPA's
+# default runs as fast as cuDNN there: training is 1.7% (gpt2_124m, compiled) and 2.2% (auto_g_nano_1b) slower
+# with ours. So 'auto' keeps SDPA for attention; `NANOFORGE_KERNELS=auto,attention=triton` opts in.
 TWIN_WINS_ON_GPU = ("attention",)
 
 
