@@ -4,6 +4,9 @@
 # 16 x 512 x 2 = 16,384 tokens/step, warmup 2000 then cosine to 1e-5, 4.27B tokens (Lille's train.py).
 # Differences: Lille's own 32,768-token "Hastings" tokenizer is not public here, so we use gpt2 (+12.4M embedding
 # parameters: 138.4M instead of 127.2M); Lille used dropout 0.1 in pretraining, nanoforge has no dropout.
+# Speed (H100, compiled): with the default kernels this preset ran at ~100k tok/s (10% MFU), host-bound by the look
+# of it (16 x 512 micro-batches leave each Triton custom-op call little GPU work), and at 245-270k tok/s with
+# --kernels_backend=torch,sophia=triton (inductor fuses the twins). Logs: bench/results/sophia_study_h100/.
 out_dir = "out/lille_130m"
 data_dir = "data/fineweb_edu"
 n_layer = 24
