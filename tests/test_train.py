@@ -69,6 +69,24 @@ def test_ddp_two_processes_match_one_process(sample_data_dir, tmp_path):
     assert abs(val_one[-1] - val_two[-1]) < 1e-4
 
 
+def test_ddp_sophia_two_processes(sample_data_dir, tmp_path):
+    """Sophia under DDP, grad_accum 2: the Hessian refresh (a logits-only forward through the DDP wrapper, then a
+    backward outside no_sync on the step's first micro-batch) neither hangs nor trips DDP's reducer, the steps go
+    on, and the saved h is refreshed. (A smoke test: that the ranks' h agree follows from DDP averaging grads.)"""
+    overrides = [a for a in TINY_TEST_MODEL if not a.startswith(("--batch_size", "--total_batch_tokens"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *overrides, f"--data_dir={sample_data_dir}", "--max_iters=4",
+           "--eval_interval=4", "--device=cpu", f"--out_dir={tmp_path}", "--batch_size=2", "--total_batch_tokens=512",
+           "--optimizer=sophia", "--hess_interval=2", "--learning_rate=2e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps, _ = losses(tmp_path)
+    assert sorted(steps) == [1, 2, 3, 4]
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizer"]["state"]
+    assert state and all(s["hessian"].abs().sum() > 0 for s in state.values())
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(sample_data_dir, tmp_path, monkeypatch):
     train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=8"))
     good = torch.load(tmp_path / "ckpt.pt", weights_only=False)
