@@ -30,9 +30,9 @@ CAUSAL BLOCK SKIPPING. With query block [m0, m0 + BLOCK_M) and key block [n0, n0
   - blocks with n0 + BLOCK_N <= m0 are entirely below: every score is visible, no mask is computed;
   - only the few blocks that straddle the diagonal pay for the mask (and for the end of the sequence, T).
 The forward and dQ kernels write their loop twice, an unmasked copy (the bulk) and a masked one (diagonal and
-the partial block at T), chosen by a compile-time flag, so the hot loop carries no masking at all. (The dK/dV
-kernel has a single masked loop instead; see _dkdv_inner for why.) Any T works: loads past T read zeros,
-masked scores are -inf, and rows past T are never stored.
+the partial block at T), chosen by a compile-time flag, so the hot loop carries no masking at all. (In the dK/dV
+kernel that split is a tuning choice, DIAG_SPLIT, as the second loop costs registers; see _dkdv_inner.)
+Any T works: loads past T read zeros, masked scores are -inf, and rows past T are never stored.
 No NaN: every row's first visited block contains key 0 (or, on the diagonal, the row's own key), so the
 running max is finite before any fully masked tile could make exp(-inf - -inf).
 
@@ -50,7 +50,8 @@ Two kernels do the rest, each owning what it writes, so no atomics and a DETERMI
     and stores once;
   - dQ: a program holds one query block and walks the key blocks (causal: up to the diagonal).
 S and dP are recomputed in both: 7 matrix products and 2 exps per tile instead of the 5 and 1 of a version
-that adds dQ with atomics. That is the price of determinism. The atomic version (FlashAttention-2's) is here
+that adds dQ with atomics. Determinism has that price in products, yet on an H100 it is the faster of the two
+(see Speed below): the atomics' version does less work but runs slower. It (FlashAttention-2's way) is here
 too, opt-in (NANOFORGE_ATTN_DETERMINISTIC=0, or attention_triton(..., deterministic=False)): the dK/dV kernel
 also forms dQ += dS K per tile and adds it to an fp32 buffer with atomics; dQ's last bits then vary per run.
 Speed (bench/attention.py, H100, bf16 causal, GPU time): forward 424-482 TFLOP/s at D 128, 1.4-1.5x SDPA's
@@ -372,7 +373,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # ------------------------------------------------------------------------------------------- block configs
 # Which tiles each kernel runs with, and the autotuner that picks them: kernels/attention_tuning.py.
 # The backward's default: dQ by a second kernel, deterministic (see _backward). NANOFORGE_ATTN_DETERMINISTIC=0
-# makes dQ come from fp32 atomics in the dK/dV kernel instead (faster, last bits vary from run to run).
+# makes dQ come from fp32 atomics in the dK/dV kernel instead (fewer products, but slower on an H100; the last
+# bits of dQ vary from run to run).
 DETERMINISTIC = os.environ.get("NANOFORGE_ATTN_DETERMINISTIC", "1") != "0"
 
 
