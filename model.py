@@ -128,7 +128,7 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=False)
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
 
-    def forward(self, x, rope_cos_sin, cache, layer):
+    def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -136,7 +136,13 @@ class Attention(nn.Module):
         if rope_cos_sin is not None:
             q, k = apply_rope(q, k, *rope_cos_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D) views, no copies
-        if cache is None:
+        if doc_mask is not None:
+            # packed documents kept apart: an explicit (B, 1, T, T) mask, so SDPA's memory-efficient kernel (flash
+            # and our kernel take no masks). That kernel has no native GQA: repeat K and V over the group.
+            if H != Hkv:
+                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask)
+        elif cache is None:
             y = attention(q, k, v, causal=True)
         else:
             past = cache.pos
@@ -176,8 +182,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos_sin, cache, layer):
-        x = x + self.attn(self.ln_1(x), rope_cos_sin, cache, layer)
+    def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
+        x = x + self.attn(self.ln_1(x), rope_cos_sin, cache, layer, doc_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -231,28 +237,46 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, doc_starts=None):
         """idx (B, T) token ids -> logits (B, T, V_padded), and the mean cross entropy if targets are given.
 
         targets == -1 marks positions that do not count (SFT's prompt tokens, padding). With a KV cache, idx
         holds only the new tokens and positions continue from cache.pos. last_only computes logits for the last
-        position alone (generation: saves a (T, V) matmul)."""
+        position alone (generation: saves a (T, V) matmul).
+        doc_starts: (B, T) bool, True where a document (or conversation) begins. Windows packed with several then
+        attend only within their own document: token i sees j <= i with doc(j) == doc(i), where doc(t) counts
+        the starts up to t (a window's first tokens may continue a document begun before it). Learned /
+        sinusoidal positions restart at each document; RoPE needs no restart (its scores depend only on i - j),
+        so a document scores exactly as it would alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+        doc_mask, pos = None, torch.arange(start, start + T, device=idx.device)
+        if doc_starts is not None:
+            if cache is not None:
+                raise ValueError("doc_starts is for training on packed windows, not for KV-cache generation")
+            if doc_starts.shape != idx.shape:
+                raise ValueError(f"doc_starts {tuple(doc_starts.shape)} must have idx's shape {tuple(idx.shape)}")
+            is_start = doc_starts.bool()
+            doc = torch.cumsum(is_start.int(), dim=1)                                        # (B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            doc_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]              # (B, 1, T, T)
+            # position within the document: t minus the index of the last start token at or before t
+            last_start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), dim=1).values
+            pos = pos - last_start                                                           # (B, T)
         x = self.wte(idx)
         rope_cos_sin = None
         if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(pos)
         elif self.config.pos == "sinusoidal":
             # as in "Attention Is All You Need": embeddings scaled by sqrt(d) so the unit-amplitude sinusoids
             # do not drown the token signal (embeddings are initialised at std 0.02)
-            x = x * math.sqrt(self.config.n_embd) + self.pe[start:start + T].to(x.dtype)
+            x = x * math.sqrt(self.config.n_embd) + self.pe[pos].to(x.dtype)
         else:
             rope_cos_sin = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope_cos_sin, cache, layer)
+            x = block(x, rope_cos_sin, cache, layer, doc_mask)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)

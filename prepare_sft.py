@@ -12,7 +12,7 @@ prepare_sft.py — instruction sets in, token + mask shards out (what sft.py tra
 Pipeline: read each source -> rows to conversations (the schema is recognised from the row's fields) -> split off
 `val_frac` of every source for validation -> weight the training part -> shuffle (seeded: the output is identical
 run to run) -> chat_format.render -> shards: val_000000.bin first, then train_000001.bin, ... each with its
-.mask.bin (1 = trained token), in the format of shards.py.
+.mask.bin (1 = trained token) and .docs.bin (where each conversation starts), in the format of shards.py.
 
 Layouts (how conversations become train.py's windows of block_size + 1 tokens):
   pack  (default) conversations back to back, as pretraining packs documents. No token is wasted; a window may
@@ -300,7 +300,9 @@ def main(argv=None):
                 tokens = np.append(tokens, np.uint32(enc.eot_token))
                 mask = np.append(mask, np.uint8(0))
             path = os.path.join(args.out_dir, f"{split}_{index:06d}.bin")
-            write_shard(path, tokens, vocab_size, enc.eot_token, mask=mask)
+            # where each conversation starts: train.py's doc_mask keeps packed conversations from seeing each other
+            starts = np.cumsum([0] + [len(ids) for ids, _ in group[:-1]])
+            write_shard(path, tokens, vocab_size, enc.eot_token, mask=mask, doc_starts=starts)
             meta["shards"].append({"file": os.path.basename(path), "tokens": int(tokens.size),
                                    "trained_tokens": int(mask.sum()), "conversations": len(group)})
             index += 1

@@ -49,6 +49,10 @@ total_batch_tokens = 32768          # 16 x 1024 x 2: 32 sequences a step, Parchm
 eval_interval = 50
 eval_iters = 10
 log_interval = 5
+# pack layout: conversations share windows. doc_mask = True keeps them apart (each attends only within itself,
+# from prepare_sft.py's .docs.bin; exact for RoPE models). It runs attention through SDPA with an explicit mask
+# (the memory-efficient kernel): correct on CPU and in the tests, its GPU speed not yet measured. Off by default.
+doc_mask = False
 DEFAULTS = {**TRAIN_DEFAULTS, **script_defaults(globals())}
 
 

@@ -11,7 +11,9 @@ A shard is the llm.c / modded-nanogpt layout, so their tools read ours and ours 
     body: the tokens, little-endian, nothing else.
 
 A dataset is a folder: {val,train}_000000.bin, train_000001.bin, ... (shard 0 is validation). Supervised
-fine-tuning adds a parallel `<same name>.mask.bin` of uint8, 1 where a token is trained on.
+fine-tuning adds a parallel `<same name>.mask.bin` of uint8, 1 where a token is trained on, and may add
+`<same name>.docs.bin`: int64 offsets where each document (conversation) starts, for training that keeps packed
+documents apart (train.py's doc_mask; without the file, documents start at each end-of-text token).
 Readers memory-map the body, so a 10-billion-token dataset costs no RAM until its pages are touched.
 """
 import glob
@@ -33,8 +35,9 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def write_shard(path, tokens, vocab_size, eot=0, mask=None):
-    """Write tokens (any int array) as a shard, atomically (a temporary file, then rename)."""
+def write_shard(path, tokens, vocab_size, eot=0, mask=None, doc_starts=None):
+    """Write tokens (any int array) as a shard, atomically (a temporary file, then rename); with its mask
+    (uint8 per token) and document start offsets (sorted ints in [0, n_tokens)) if given."""
     dtype = token_dtype(vocab_size)
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
@@ -53,10 +56,22 @@ def write_shard(path, tokens, vocab_size, eot=0, mask=None):
         with open(mask_path(path) + ".tmp", "wb") as f:
             f.write(mask.tobytes())
         os.replace(mask_path(path) + ".tmp", mask_path(path))
+    if doc_starts is not None:
+        doc_starts = np.asarray(doc_starts, dtype=np.int64)
+        if doc_starts.size and (np.any(np.diff(doc_starts) <= 0) or doc_starts[0] < 0
+                                or doc_starts[-1] >= tokens.size):
+            raise ShardError(f"{path}: document starts must be increasing offsets in [0, {tokens.size})")
+        with open(docs_path(path) + ".tmp", "wb") as f:
+            f.write(doc_starts.tobytes())
+        os.replace(docs_path(path) + ".tmp", docs_path(path))
 
 
 def mask_path(path):
     return path[:-len(".bin")] + ".mask.bin"
+
+
+def docs_path(path):
+    return path[:-len(".bin")] + ".docs.bin"
 
 
 def read_header(path):
@@ -94,13 +109,20 @@ def open_shard(path, vocab_size=None, check_ids=True):
         mask = np.memmap(mask_path(path), dtype=np.uint8, mode="r")
         if mask.size != info["n_tokens"]:
             raise ShardError(f"{mask_path(path)}: {mask.size} mask entries for {info['n_tokens']} tokens")
+    info["doc_starts"] = None
+    if os.path.exists(docs_path(path)):
+        starts = np.fromfile(docs_path(path), dtype=np.int64)
+        if starts.size and (np.any(np.diff(starts) <= 0) or starts[0] < 0 or starts[-1] >= info["n_tokens"]):
+            raise ShardError(f"{docs_path(path)}: not increasing offsets in [0, {info['n_tokens']})")
+        info["doc_starts"] = starts
     return tokens, mask, info
 
 
 def list_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise ShardError(f"data folder not found: {data_dir} (run prepare_fineweb.py or prepare_sft.py first)")
-    paths = sorted(p for p in glob.glob(os.path.join(data_dir, f"{split}_*.bin")) if not p.endswith(".mask.bin"))
+    paths = sorted(p for p in glob.glob(os.path.join(data_dir, f"{split}_*.bin"))
+                   if not p.endswith((".mask.bin", ".docs.bin")))
     if not paths:
         raise ShardError(f"{data_dir}: no {split}_*.bin shards")
     return paths

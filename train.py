@@ -57,6 +57,7 @@ vocab_size = 50257
 vocab_pad_multiple = 64
 block_size = 1024
 norm_eps = 1e-5
+doc_mask = False                    # True: packed documents attend only within themselves (model.py, doc_starts)
 # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world_size
 batch_size = 16                     # micro-batch rows per process
 total_batch_tokens = 524288         # 0.5M tokens per step (GPT-2 / nanoGPT); sets grad_accum ...
@@ -120,14 +121,16 @@ class TokenWindows:
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen).numpy(), epoch
         return int(self._perm[i])
 
-    def batch(self, first_sample, count, device):
+    def batch(self, first_sample, count, device, doc_starts=False):
         """Samples first_sample .. first_sample+count-1 as (x, y), y = x shifted by one. Where the shard has a
-        mask (SFT), targets on untrained positions are -1, which the loss ignores."""
-        xs, ys = [], []
+        mask (SFT), targets on untrained positions are -1, which the loss ignores. doc_starts: also a bool (B, T)
+        tensor, True where a document begins in x: from the shard's .docs.bin (prepare_sft.py writes one), else
+        at each end-of-text token (prepare_fineweb.py starts every document with one)."""
+        xs, ys, ds = [], [], []
         for g in range(first_sample, first_sample + count):
             w = self.window_index(g)
             s = int(np.searchsorted(self.first, w, side="right") - 1)
-            tokens, mask, _ = self.shards[s]
+            tokens, mask, info = self.shards[s]
             start = (w - int(self.first[s])) * self.block_size
             chunk = torch.from_numpy(tokens[start:start + self.block_size + 1].astype(np.int64))
             x, y = chunk[:-1], chunk[1:].clone()
@@ -135,10 +138,19 @@ class TokenWindows:
                 y[torch.from_numpy(mask[start + 1:start + self.block_size + 1] == 0)] = -1
             xs.append(x)
             ys.append(y)
-        x, y = torch.stack(xs), torch.stack(ys)
+            if doc_starts:
+                known = info["doc_starts"]
+                if known is None:
+                    ds.append(x == info["eot"])
+                else:
+                    lo, hi = np.searchsorted(known, [start, start + self.block_size])
+                    flags = torch.zeros(self.block_size, dtype=torch.bool)
+                    flags[torch.from_numpy(known[lo:hi] - start)] = True
+                    ds.append(flags)
+        out = [torch.stack(xs), torch.stack(ys)] + ([torch.stack(ds)] if doc_starts else [])
         if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in out)
+        return tuple(t.to(device) for t in out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,9 +200,9 @@ def refresh_hessian(raw_model, optimizer, micro_batch, label_seed, autocast, dev
     one. The labels depend only on (seed, step, rank): a resumed run draws the same ones."""
     from kernels.sophia import sampled_label_loss
     label_gen = torch.Generator(device=device).manual_seed(label_seed)
-    model, x, y, _ = micro_batch
+    model, x, y, _, kw = micro_batch
     with autocast:
-        logits, _ = model(x)
+        logits, _ = model(x, **kw)
     # SFT data: only the trained positions count, as in the ordinary loss
     sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
@@ -369,9 +381,10 @@ def train(cfg):
         eval_model.eval()
         total = torch.zeros(2, device=device)  # sum of token losses, number of tokens
         for first in range(rank * cfg["batch_size"], n_val_windows, world * cfg["batch_size"]):
-            x, y = val_data.batch(first, min(cfg["batch_size"], n_val_windows - first), device)
+            x, y, *starts = val_data.batch(first, min(cfg["batch_size"], n_val_windows - first), device,
+                                           doc_starts=cfg["doc_mask"])
             with autocast:
-                _, loss = eval_model(x, y)
+                _, loss = eval_model(x, y, **({"doc_starts": starts[0]} if starts else {}))
             n = (y != -1).sum()
             total += torch.stack([loss.float() * n, n.float()])
         if ddp:
@@ -380,13 +393,14 @@ def train(cfg):
         return (total[0] / total[1]).item()
 
     def micro_batches(step):
-        """This rank's micro-batches of optimizer step `step`, each with the context to run its backward in:
-        DDP all-reduces gradients during backward, and only the last micro-step needs it (no_sync before)."""
+        """This rank's micro-batches of optimizer step `step`, each with the context to run its backward in
+        (DDP all-reduces gradients during backward, and only the last micro-step needs it: no_sync before) and
+        the model's extra arguments (doc_starts, with doc_mask)."""
         for micro in range(grad_accum):
             first = (step * grad_accum + micro) * rows_per_micro + rank * cfg["batch_size"]
-            x, y = train_data.batch(first, cfg["batch_size"], device)
+            x, y, *starts = train_data.batch(first, cfg["batch_size"], device, doc_starts=cfg["doc_mask"])
             sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
-            yield model, x, y, sync
+            yield model, x, y, sync, ({"doc_starts": starts[0]} if starts else {})
 
     # ---- Ctrl-C / SIGTERM: finish the step in flight, write a checkpoint, exit cleanly ----
     stop = {"signal": None}
@@ -410,10 +424,10 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _, x, y, sync in micro_batches(step):
+            for _, x, y, sync, kw in micro_batches(step):
                 with sync:
                     with autocast:
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, **kw)
                     (loss / grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),

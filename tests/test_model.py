@@ -182,3 +182,42 @@ def test_casting_the_model_keeps_position_tables_fp32(pos):
     ref = small(pos=pos)
     for (n, b), (_, r) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.equal(b, r), n  # not rounded on the way
+
+
+@pytest.mark.parametrize("pos,kv", [("rope", 2), ("learned", 6), ("sinusoidal", 1)])
+def test_doc_starts_isolate_packed_documents(pos, kv):
+    """Two documents packed in one window, each starting where doc_starts is True: with it,
+    each scores exactly as it does alone (positions restart for learned / sinusoidal; RoPE is relative)."""
+    torch.manual_seed(0)
+    model = small(pos=pos, n_kv_head=kv)
+    g = torch.Generator().manual_seed(1)
+    a = torch.cat([torch.tensor([0]), torch.randint(1, 100, (6,), generator=g)])
+    b = torch.cat([torch.tensor([0]), torch.randint(1, 100, (8,), generator=g)])
+    packed = torch.stack([torch.cat([a, b]), torch.cat([b, a])])   # two rows, the documents in both orders
+    with torch.no_grad():
+        logits, _ = model(packed, doc_starts=packed == 0)
+        alone_a, _ = model(a[None])
+        alone_b, _ = model(b[None])
+        mixed, _ = model(packed)
+    torch.testing.assert_close(logits[0, :7], alone_a[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[0, 7:], alone_b[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[1, :9], alone_b[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[1, 9:], alone_a[0], rtol=1e-4, atol=1e-5)
+    assert (mixed[0, 7:] - alone_b[0]).abs().max() > 1e-3  # without it, b attends to a (and its positions move)
+
+
+def test_doc_starts_window_starting_mid_document():
+    """A window that begins inside a document (no start token first) keeps that tail as one document."""
+    torch.manual_seed(0)
+    model = small()
+    x = torch.tensor([[5, 6, 7, 0, 8, 9]])
+    with torch.no_grad():
+        logits, _ = model(x, doc_starts=x == 0)
+        head, _ = model(x[:, :3])
+        tail, _ = model(x[:, 3:])
+    torch.testing.assert_close(logits[0, :3], head[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[0, 3:], tail[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="KV-cache"):
+        model(x, cache=KVCache(model.config, 1, 32, "cpu", torch.float32), doc_starts=x == 0)
+    with pytest.raises(ValueError, match="shape"):
+        model(x, doc_starts=(x == 0)[:, :4])

@@ -138,6 +138,28 @@ def test_pack_shards_masks_and_loader(tmp_path):
         assert torch.equal(y[r], expected)
 
 
+def test_doc_starts_mark_conversations_not_turns(tmp_path):
+    """Packed shards carry .docs.bin: the loader's doc_starts are True exactly where a conversation begins. In the
+    parchment format end-of-text also separates turns, so the eot fallback would split conversations: the file
+    is what keeps a multi-turn conversation whole under doc_mask."""
+    out, meta = prepare(tmp_path, "--format", "parchment", "--source", "alpaca_tiny_local", "--block_size", "64",
+                        "--val_frac", "0.1")
+    path = list_shards(out, "train")[0]
+    tokens, _, info = open_shard(path)
+    starts = info["doc_starts"]
+    assert len(starts) == meta["shards"][1]["conversations"] and starts[0] == 0
+    assert (np.asarray(tokens)[starts] == GPT2.eot_token).all()      # each conversation opens with end-of-text
+    n_eot = int((np.asarray(tokens) == GPT2.eot_token).sum())
+    assert n_eot > 2 * len(starts)                                    # ... and eot separates its turns too
+    windows = train.TokenWindows(out, "train", 64, 50304, seed=0, shuffle=False)
+    x, y, flags = windows.batch(0, 4, torch.device("cpu"), doc_starts=True)
+    for r in range(4):
+        want = torch.zeros(64, dtype=torch.bool)
+        inside = starts[(starts >= r * 64) & (starts < r * 64 + 64)] - r * 64
+        want[torch.from_numpy(inside)] = True
+        assert torch.equal(flags[r], want)
+
+
 def test_prepare_is_deterministic(tmp_path):
     digests = []
     for name in ("a", "b"):
@@ -145,7 +167,7 @@ def test_prepare_is_deterministic(tmp_path):
                          name=name)
         digests.append([hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
                         for f in sorted(os.listdir(out)) if f.endswith(".bin")])
-    assert digests[0] == digests[1] and len(digests[0]) == 4
+    assert digests[0] == digests[1] and len(digests[0]) == 6   # val + train: tokens, mask, document starts
 
 
 def test_pad_layout_one_conversation_per_window(tmp_path):
@@ -276,3 +298,30 @@ def test_pipeline_pretrain_sft_chat(sample_data_dir, tmp_path, capsys):
     assert all(r["verdict"] in ("OK", "WEAK", "FAIL") and r["tokens"] <= 3 for r in rows)
     printed = capsys.readouterr().out
     assert "smoke: " in printed and printed.count("| What is the capital") == 2
+
+
+def test_sft_with_doc_mask(sample_data_dir, tmp_path, monkeypatch):
+    """--doc_mask=True: the model gets each window's conversation starts (from .docs.bin) in training and in
+    evaluation, and the masked loss still falls. (That a start isolates what follows: tests/test_model.py.)"""
+    pre = tmp_path / "pre"
+    train.train(configure(train.DEFAULTS, TINY_TEST_MODEL + [f"--data_dir={sample_data_dir}", f"--out_dir={pre}",
+                                                             "--max_iters=2", "--eval_interval=2"]))
+    data, _ = prepare(tmp_path, "--format", "parchment", "--source", "alpaca_tiny_local", "--block_size", "64")
+    seen = []
+    real_forward = train.GPT.forward
+
+    def spy(self, idx, targets=None, **kw):
+        seen.append((self.training, kw.get("doc_starts")))
+        return real_forward(self, idx, targets, **kw)
+    monkeypatch.setattr(train.GPT, "forward", spy)
+    out = tmp_path / "sft"
+    train.train(sft.prepare(sft_cfg(data, pre, out, "--epochs=0", "--max_iters=8", "--warmup_frac=0",
+                                    "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--batch_size=4",
+                                    "--total_batch_tokens=256", "--eval_interval=8", "--eval_iters=4",
+                                    "--compile=False", "--log_interval=4", "--doc_mask=True")))
+    assert all(starts is not None and starts.dtype == torch.bool for _, starts in seen)
+    assert {training for training, _ in seen} == {True, False}         # training and evaluation both
+    assert sum(int(starts.sum()) for _, starts in seen) > 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[-1] < val[0], val
