@@ -42,6 +42,16 @@ def write_shard(path, tokens, vocab_size, eot=0, mask=None, doc_starts=None):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ShardError(f"{path}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    # every check before the first byte is written: a refused shard leaves nothing half-made behind
+    if mask is not None:
+        mask = np.asarray(mask, dtype=np.uint8)
+        if mask.shape != tokens.shape:
+            raise ShardError(f"{path}: mask has {mask.size} entries for {tokens.size} tokens")
+    if doc_starts is not None:
+        doc_starts = np.asarray(doc_starts, dtype=np.int64)
+        if doc_starts.size and (np.any(np.diff(doc_starts) <= 0) or doc_starts[0] < 0
+                                or doc_starts[-1] >= tokens.size):
+            raise ShardError(f"{path}: document starts must be increasing offsets in [0, {tokens.size})")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:5] = [MAGIC, 1 if dtype == np.uint16 else 2, tokens.size, vocab_size, eot]
     tmp = path + ".tmp"
@@ -50,17 +60,10 @@ def write_shard(path, tokens, vocab_size, eot=0, mask=None, doc_starts=None):
         f.write(tokens.astype(dtype).tobytes())
     os.replace(tmp, path)
     if mask is not None:
-        mask = np.asarray(mask, dtype=np.uint8)
-        if mask.shape != tokens.shape:
-            raise ShardError(f"{path}: mask has {mask.size} entries for {tokens.size} tokens")
         with open(mask_path(path) + ".tmp", "wb") as f:
             f.write(mask.tobytes())
         os.replace(mask_path(path) + ".tmp", mask_path(path))
     if doc_starts is not None:
-        doc_starts = np.asarray(doc_starts, dtype=np.int64)
-        if doc_starts.size and (np.any(np.diff(doc_starts) <= 0) or doc_starts[0] < 0
-                                or doc_starts[-1] >= tokens.size):
-            raise ShardError(f"{path}: document starts must be increasing offsets in [0, {tokens.size})")
         with open(docs_path(path) + ".tmp", "wb") as f:
             f.write(doc_starts.tobytes())
         os.replace(docs_path(path) + ".tmp", docs_path(path))

@@ -1,4 +1,6 @@
 """configurator.py and shards.py: bad input is a clear error that names what is wrong."""
+import os
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,22 @@ def test_shard_bad_magic_truncated_and_out_of_vocab(tmp_path):
     with pytest.raises(ShardError, match="must lie in"):
         write_shard(path, np.array([70000]), 50257)
     assert len(raw) == HEADER_BYTES + 200
+
+
+def test_doc_starts_sidecar_round_trip_and_validation(tmp_path):
+    """.docs.bin: written with the shard, read back into info['doc_starts']; offsets out of order or past the end
+    are refused when writing and when reading (a file from elsewhere)."""
+    from shards import ShardError, docs_path, open_shard, write_shard
+    path = str(tmp_path / "train_000001.bin")
+    write_shard(path, np.arange(10), 50257, eot=0, doc_starts=[0, 4, 7])
+    _, _, info = open_shard(path)
+    assert info["doc_starts"].tolist() == [0, 4, 7]
+    for bad in ([0, 7, 4], [0, 10], [-1, 3]):
+        with pytest.raises(ShardError, match="document starts"):
+            write_shard(str(tmp_path / "train_000002.bin"), np.arange(10), 50257, doc_starts=bad)
+        assert not os.path.exists(tmp_path / "train_000002.bin")  # refused before anything was written
+    np.array([0, 12], dtype=np.int64).tofile(docs_path(path))
+    with pytest.raises(ShardError, match="increasing offsets"):
+        open_shard(path)
+    write_shard(str(tmp_path / "plain.bin"), np.arange(5), 50257)
+    assert open_shard(str(tmp_path / "plain.bin"))[2]["doc_starts"] is None
