@@ -136,14 +136,8 @@ class Attention(nn.Module):
         if rope_cos_sin is not None:
             q, k = apply_rope(q, k, *rope_cos_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D) views, no copies
-        if doc_mask is not None:
-            # packed documents kept apart: an explicit (B, 1, T, T) mask, so SDPA's memory-efficient kernel (flash
-            # and our kernel take no masks). That kernel has no native GQA: repeat K and V over the group.
-            if H != Hkv:
-                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask)
-        elif cache is None:
-            y = attention(q, k, v, causal=True)
+        if cache is None:  # doc_mask: packed documents kept apart (the switch sends an explicit mask to SDPA)
+            y = attention(q, k, v, causal=True, mask=doc_mask)
         else:
             past = cache.pos
             k, v = cache.append(layer, k, v)
@@ -252,29 +246,30 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
-        doc_mask, pos = None, torch.arange(start, start + T, device=idx.device)
+        doc_mask = None
         if doc_starts is not None:
             if cache is not None:
                 raise ValueError("doc_starts is for training on packed windows, not for KV-cache generation")
             if doc_starts.shape != idx.shape:
                 raise ValueError(f"doc_starts {tuple(doc_starts.shape)} must have idx's shape {tuple(idx.shape)}")
-            is_start = doc_starts.bool()
-            doc = torch.cumsum(is_start.int(), dim=1)                                        # (B, T)
+            doc_starts = doc_starts.bool()
+            doc = torch.cumsum(doc_starts.int(), dim=1)                                      # (B, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             doc_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]              # (B, 1, T, T)
-            # position within the document: t minus the index of the last start token at or before t
-            last_start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), dim=1).values
-            pos = pos - last_start                                                           # (B, T)
         x = self.wte(idx)
         rope_cos_sin = None
-        if self.config.pos == "learned":
-            x = x + self.wpe(pos)
-        elif self.config.pos == "sinusoidal":
-            # as in "Attention Is All You Need": embeddings scaled by sqrt(d) so the unit-amplitude sinusoids
-            # do not drown the token signal (embeddings are initialised at std 0.02)
-            x = x * math.sqrt(self.config.n_embd) + self.pe[pos].to(x.dtype)
-        else:
+        if self.config.pos == "rope":
             rope_cos_sin = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        else:  # absolute positions
+            pos = torch.arange(start, start + T, device=idx.device)
+            if doc_starts is not None:  # restart at each document: minus the last start at or before t
+                pos = pos - torch.cummax(torch.where(doc_starts, pos, torch.zeros_like(pos)), dim=1).values
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            else:
+                # sinusoidal, as in "Attention Is All You Need": embeddings scaled by sqrt(d) so the
+                # unit-amplitude sinusoids do not drown the token signal (embeddings are initialised at std 0.02)
+                x = x * math.sqrt(self.config.n_embd) + self.pe[pos].to(x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope_cos_sin, cache, layer, doc_mask)
         if cache is not None:

@@ -200,9 +200,9 @@ def refresh_hessian(raw_model, optimizer, micro_batch, label_seed, autocast, dev
     one. The labels depend only on (seed, step, rank): a resumed run draws the same ones."""
     from kernels.sophia import sampled_label_loss
     label_gen = torch.Generator(device=device).manual_seed(label_seed)
-    model, x, y, _, kw = micro_batch
+    model, x, y, _, starts = micro_batch
     with autocast:
-        logits, _ = model(x, **kw)
+        logits, _ = model(x, doc_starts=starts)
     # SFT data: only the trained positions count, as in the ordinary loss
     sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
@@ -384,7 +384,7 @@ def train(cfg):
             x, y, *starts = val_data.batch(first, min(cfg["batch_size"], n_val_windows - first), device,
                                            doc_starts=cfg["doc_mask"])
             with autocast:
-                _, loss = eval_model(x, y, **({"doc_starts": starts[0]} if starts else {}))
+                _, loss = eval_model(x, y, doc_starts=starts[0] if starts else None)
             n = (y != -1).sum()
             total += torch.stack([loss.float() * n, n.float()])
         if ddp:
@@ -395,12 +395,12 @@ def train(cfg):
     def micro_batches(step):
         """This rank's micro-batches of optimizer step `step`, each with the context to run its backward in
         (DDP all-reduces gradients during backward, and only the last micro-step needs it: no_sync before) and
-        the model's extra arguments (doc_starts, with doc_mask)."""
+        the documents' starts (with doc_mask; else None)."""
         for micro in range(grad_accum):
             first = (step * grad_accum + micro) * rows_per_micro + rank * cfg["batch_size"]
             x, y, *starts = train_data.batch(first, cfg["batch_size"], device, doc_starts=cfg["doc_mask"])
             sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
-            yield model, x, y, sync, ({"doc_starts": starts[0]} if starts else {})
+            yield model, x, y, sync, starts[0] if starts else None
 
     # ---- Ctrl-C / SIGTERM: finish the step in flight, write a checkpoint, exit cleanly ----
     stop = {"signal": None}
@@ -424,10 +424,10 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _, x, y, sync, kw in micro_batches(step):
+            for _, x, y, sync, starts in micro_batches(step):
                 with sync:
                     with autocast:
-                        _, loss = model(x, y, **kw)
+                        _, loss = model(x, y, doc_starts=starts)
                     (loss / grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),

@@ -541,20 +541,29 @@ def attention_triton(q, k, v, causal=True, scale=None, deterministic=None):
 
 
 # ------------------------------------------------------------------------------------- twin and switch
-def attention_torch(q, k, v, causal=True, scale=None):
-    """q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv. SDPA, no repeated K/V."""
+def attention_torch(q, k, v, causal=True, scale=None, mask=None):
+    """q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv. SDPA, no repeated K/V.
+    mask: bool, broadcastable to (B, Hq, T, T), True where a query may see a key; it replaces the causal rule
+    (e.g. model.py's block-diagonal causal mask for packed documents). SDPA then runs its memory-efficient
+    kernel (flash takes no mask), which has no native GQA: K and V are repeated over the group for it."""
+    if mask is not None:
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attention(q, k, v, causal=True, scale=None):
+def attention(q, k, v, causal=True, scale=None, mask=None):
     """Causal (or full) grouped-query attention. Triton on CUDA; the twin elsewhere. In 'auto' mode a shape the
     kernel does not cover (head dim outside HEAD_DIMS, query and key lengths that differ, as in KV-cache
-    decoding) goes to the twin; with NANOFORGE_KERNELS=attention=triton it is an error instead."""
-    if use_triton("attention", q, k, v):
+    decoding) goes to the twin; with NANOFORGE_KERNELS=attention=triton it is an error instead. An explicit
+    mask always goes to the twin: the Triton kernel knows only the causal rule."""
+    if mask is None and use_triton("attention", q, k, v):
         if backend("attention") == "triton" or _kernel_covers(q, k, v):
             return attention_triton(q, k, v, causal, scale)
-    return attention_torch(q, k, v, causal, scale)
+    return attention_torch(q, k, v, causal, scale, mask)
 
 
 def _kernel_covers(q, k, v):

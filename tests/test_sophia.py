@@ -164,28 +164,24 @@ def test_state_dict_roundtrip_gives_identical_next_steps(backend):
     buffer = io.BytesIO()
     torch.save(opt_a.state_dict(), buffer)
     saved_params = [p.detach().clone() for p in params_a]
-    for step, (g, gh) in enumerate(mixed[8:]):
-        for p, x in zip(params_a, g):
-            p.grad = x.clone()
-        opt_a.step(bs=BS)
-        if step == 1:
-            for p, x in zip(params_a, gh):
+
+    def run_tail(opt, params):  # the last 4 steps, with a Hessian update after the second
+        for step, (g, gh) in enumerate(mixed[8:]):
+            for p, x in zip(params, g):
                 p.grad = x.clone()
-            opt_a.update_hessian()
+            opt.step(bs=BS)
+            if step == 1:
+                for p, x in zip(params, gh):
+                    p.grad = x.clone()
+                opt.update_hessian()
+    run_tail(opt_a, params_a)
 
     params_b = [torch.nn.Parameter(x.clone()) for x in saved_params]
     opt_b = SophiaG(split_groups(params_b, GROUPS, True), betas=BETAS, rho=RHO, eps=EPS, tile=64)
     buffer.seek(0)
     opt_b.load_state_dict(torch.load(buffer))
     assert all(opt_b.state[p]["exp_avg"].dtype == torch.float32 for p in params_b)
-    for step, (g, gh) in enumerate(mixed[8:]):
-        for p, x in zip(params_b, g):
-            p.grad = x.clone()
-        opt_b.step(bs=BS)
-        if step == 1:
-            for p, x in zip(params_b, gh):
-                p.grad = x.clone()
-            opt_b.update_hessian()
+    run_tail(opt_b, params_b)
     for pa, pb in zip(params_a, params_b):
         assert torch.equal(pa.detach(), pb.detach())
         for key in ("exp_avg", "hessian"):

@@ -211,7 +211,7 @@ def test_hessian_refresh_uses_one_micro_batch(sample_data_dir, tmp_path):
     model = GPT(GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS}))
     opt = train.make_optimizer(model, cfg, torch.device("cpu"))
     x, y = torch.randint(0, 50257, (2, 2, cfg["block_size"])), torch.randint(0, 50257, (2, 2, cfg["block_size"]))
-    micro = [(model, x[i], y[i], nullcontext(), {}) for i in range(2)]
+    micro = [(model, x[i], y[i], nullcontext(), None) for i in range(2)]
     train.refresh_hessian(model, opt, micro[0], 123, nullcontext(), torch.device("cpu"), cfg)
     from kernels.sophia import sampled_label_loss
     model.zero_grad()
