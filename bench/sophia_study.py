@@ -379,6 +379,10 @@ def main(argv=None):
     if unknown := [n for n in names if n not in flags]:
         p.error(f"unknown run(s) {unknown}; known: {list(flags)}")
     args.data_dir, args.out_root = os.path.abspath(args.data_dir), os.path.abspath(args.out_root)
+    if args.stamp_from and not os.path.isfile(args.stamp_from):
+        p.error(f"--stamp_from {args.stamp_from}: no such file")
+    if args.plot_only and not any(os.path.exists(os.path.join(args.out_root, n, "metrics.jsonl")) for n in names):
+        p.error(f"--plot_only: no run of {names} has a metrics.jsonl under {args.out_root}")
     status_path = os.path.join(args.out_root, "status.json")
     status = json.load(open(status_path)) if args.plot_only and os.path.exists(status_path) else {}
 

@@ -112,3 +112,15 @@ def test_end_to_end_two_tiny_runs(sample_data_dir, tmp_path):
     assert os.path.getsize(tmp_path / "results" / "sophia_study.png") > 0
     assert os.path.exists(tmp_path / "runs" / "sophia_lr1e-4.log")
     assert json.load(open(tmp_path / "runs" / "status.json")) == {"adamw_lr1e-3": "ok", "sophia_lr1e-4": "ok"}
+
+
+def test_bad_arguments_are_clear_errors_and_write_nothing(tmp_path, capsys, monkeypatch):
+    """--plot_only over a folder with no runs, or a missing --stamp_from file: an error naming it, no results."""
+    monkeypatch.setattr(study.bench_common, "RESULTS_DIR", str(tmp_path / "results"))
+    for argv, said in ((["--plot_only", f"--out_root={tmp_path / 'empty'}"], "no run of"),
+                       (["--plot_only", f"--out_root={tmp_path}", f"--stamp_from={tmp_path / 'nope.json'}"],
+                        "no such file")):
+        with pytest.raises(SystemExit):
+            study.main(argv)
+        assert said in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "results")
