@@ -3,7 +3,7 @@ eval.py — how good is a checkpoint? Zero-shot benchmarks and bits per byte, in
 
     python eval.py --ckpt out/gpt2_124m                                   # the core suite + bits per byte
     python eval.py --ckpt out/tiny --tasks hellaswag,piqa --limit 200     # a quick look
-    python eval.py --ckpt out/lrc_1p5b --suite lrc --online               # the LRC card's nine columns
+    python eval.py --ckpt out/gpt2_124m --suite lrc --online              # the LRC card's nine columns
     python eval.py --compare out/gpt2_124m out/lille_130m                 # side by side (their eval.json)
     python eval.py --compare out/a out/b --suite lrc --reference          # the card's table, one row a run
 
@@ -201,6 +201,7 @@ def encoder(enc):
     cache = {}
 
     def encode(text):
+        # each choice repeats its item's context: a long BoolQ or LogiQA passage is encoded once, not per choice
         if text not in cache:
             cache[text] = enc.encode_ordinary(text) or [enc.eot_token]
         return cache[text]
@@ -268,7 +269,11 @@ def stderr(p, n):
 
 
 def per_group(groups, hits):
-    """{group: {"n", "acc", ...}} for items labelled with a group (MMLU's subjects), sorted by name."""
+    """{group: {"n", "acc", ...}} for items labelled with a group (MMLU's subjects), sorted by name.
+
+    Two averages follow from it. Over items (acc), every question counts once: the harness's `mmlu` number,
+    dominated by the big subjects (professional_law alone is 1,534 of 14,042 items). Over subjects
+    (acc_macro), every subject counts once, the way MMLU's per-subject tables are usually read."""
     out = {}
     for g in sorted(set(groups)):
         idx = [i for i, x in enumerate(groups) if x == g]
@@ -428,7 +433,11 @@ def lrc_row(res):
 
 def lrc_table(named_results, reference=False):
     """The LRC card's zero-shot table, one row per run (x100, the paper's metric per column), optionally under
-    the published LRC-1.5B-SFT row. A `*` marks a cell whose data is not the harness's (see the notes)."""
+    the published LRC-1.5B-SFT row. A `*` marks a cell whose data is not the harness's (see the notes).
+
+    The paper's average is the plain mean of the nine columns, so a run missing any column gets no average:
+    a mean over fewer tasks would look comparable and is not. The same goes for --limit runs, which the notes
+    name: a first-N subset of each task estimates the full number with a standard error of about 0.5/sqrt(N)."""
     cols = [c for c, _, _ in LRC_COLUMNS] + ["Avg"]
     width = max([26] + [len(n) + 2 for n, _ in named_results])
     lines = ["LRC card's zero-shot table (x100; every column rendered as lm-evaluation-harness v0.4.8): acc_norm "
@@ -550,6 +559,8 @@ def main(argv=None):
         os.environ["TIKTOKEN_CACHE_DIR"] = shared_cache   # offline machines: the tokenizer files staged there
     try:
         # every check before any work: names, checkpoints, then every row of every file
+        # (a typo in a name must not cost a model load, and a missing checkpoint must not cost reading
+        # 14k MMLU rows; --compare re-evaluates only the runs that have no eval.json yet)
         names = resolve_tasks(args.tasks, args.suite)
         if args.reference and args.suite != "lrc":
             raise ValueError("--reference adds the published LRC-1.5B-SFT row to --suite lrc's table")

@@ -401,7 +401,7 @@ def test_cli_core_tasks_write_eval_json_and_compare_runs(tmp_path, capsys):
     assert any(l.startswith("step") and l.split()[-2:] == ["7", "9"] for l in out.splitlines())
 
 
-def error_of(argv, capsys=None):
+def error_of(argv):
     with pytest.raises(SystemExit) as e:
         nf_eval.main(argv)
     return str(e.value.code)
@@ -437,14 +437,12 @@ def test_bad_files_are_named_with_their_line_before_any_task_runs(tmp_path, caps
         (root / sub).mkdir(parents=True)
         (root / sub / f"{sub}_test.jsonl").write_text(open(os.path.join(STAND_INS, sub, f"{sub}_test.jsonl")).read())
     mmlu = root / "mmlu" / "mmlu_test.jsonl"
-    argv = ["--ckpt", run, "--tasks", "sciq,mmlu", "--data_root", str(root), "--bpb_file", "none"]
-
-    def fails_with(text, mmlu_text=None, bpb=None):
-        if mmlu_text is not None:
-            mmlu.write_bytes(mmlu_text)
-        msg = error_of(argv[:-1] + [bpb] if bpb else argv)
-        assert text in msg, msg
     good = mmlu.read_bytes()
+
+    def fails_with(text, mmlu_bytes=good, bpb_file="none"):
+        mmlu.write_bytes(mmlu_bytes)    # mmlu is the LAST task: a bad row there must stop the run before sciq
+        msg = error_of(["--ckpt", run, "--tasks", "sciq,mmlu", "--data_root", str(root), "--bpb_file", bpb_file])
+        assert text in msg, msg
     fails_with(f"{mmlu}, line 2: not valid JSON", good.replace(b'"answer": 2}', b'"answer": 2', 1))
     fails_with(f"{mmlu}, line 3: not UTF-8", good.replace(b"heart", b"he\xffrt"))
     fails_with(f"{mmlu}, line 1: not in the mmlu format (KeyError: 'subject')", good.replace(b'"subject"', b'"topic"', 1))
@@ -455,13 +453,12 @@ def test_bad_files_are_named_with_their_line_before_any_task_runs(tmp_path, caps
     fails_with(f"{mmlu}, line 1: gold=7 with 4 choices", good.replace(b'"answer": 1', b'"answer": 7'))
     fails_with(f"{mmlu}, line 1: a JSON object expected, not list", b"[1, 2]\n" + good)
     fails_with(f"{mmlu}: no mmlu items", b"\n\n")
-    mmlu.write_bytes(good)
     text = tmp_path / "held_out.txt"
-    text.write_bytes("caf\u00e9\nline two\nthird \xff line".encode("latin-1", "replace").replace(b"?", b"\xff"))
-    fails_with(f"{text}, line 1: not UTF-8", bpb=str(text))
+    text.write_bytes(b"fine\nline two \xff\nthree\n")
+    fails_with(f"{text}, line 2: not UTF-8", bpb_file=str(text))
     docs = tmp_path / "held_out.jsonl"
     docs.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
-    fails_with(f"{docs}, line 2: no \"text\" string field", bpb=str(docs))
+    fails_with(f"{docs}, line 2: no \"text\" string field", bpb_file=str(docs))
     assert open(kept).read() == '{"earlier": "results"}' and "evaluating" not in capsys.readouterr().out
 
 
