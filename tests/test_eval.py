@@ -407,6 +407,14 @@ def error_of(argv):
     return str(e.value.code)
 
 
+def test_help_names_the_tasks_and_suites(capsys):
+    with pytest.raises(SystemExit):
+        nf_eval.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("arc_challenge", "sciq", "logiqa", "mmlu", "--suite", "core:", "lrc:", "--reference"):
+        assert word in text
+
+
 def test_bad_arguments_are_one_line_errors_that_keep_eval_json(tmp_path, capsys):
     run = str(tmp_path / "run")
     save_tiny_checkpoint(run, 1, 0)
