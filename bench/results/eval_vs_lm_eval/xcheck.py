@@ -28,7 +28,7 @@ HARNESS = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.
            "mmlu_elementary_mathematics": "mmlu/default/mmlu_elementary_mathematics.yaml"}
 
 
-def foundry(name, n):
+def local_rows(name, n):
     return [r for _, r in T.read_rows(os.path.join(LF, name + ".jsonl"), n)]
 
 
@@ -36,15 +36,15 @@ def hub_docs(n):
     """Hub-format rows for every task, from the offline files."""
     docs = {"arc_easy": [{"question": r["query"][len("Question: "):], "answerKey": "ABCDE"[r["gold"]],
                           "choices": {"text": r["choices"], "label": list("ABCDE"[:len(r["choices"])])}}
-                         for r in foundry("arc_easy", n)],
+                         for r in local_rows("arc_easy", n)],
             "piqa": [{"goal": r["query"].strip()[len("Question: "):], "sol1": r["choices"][0], "sol2": r["choices"][1],
-                      "label": r["gold"]} for r in foundry("piqa", n)],
+                      "label": r["gold"]} for r in local_rows("piqa", n)],
             "boolq": [dict(zip(("passage", "question"), r["query"][len("Passage: "):].rsplit("\nQuestion: ", 1)),
-                           label=r["gold"]) for r in foundry("boolq", n)],
+                           label=r["gold"]) for r in local_rows("boolq", n)],
             "copa": [{"premise": r["query"].rsplit(", ", 1)[0] + ".", "choice1": r["choices"][0],
                       "choice2": r["choices"][1], "label": r["gold"],
                       "question": {"because": "cause", "therefore": "effect"}[r["query"].rsplit(" ", 1)[1]]}
-                     for r in foundry("copa", n)],
+                     for r in local_rows("copa", n)],
             "commonsense_qa": [{"question": "Where would you put a wet umbrella?", "answerKey": "A", "choices": {
                 "label": list("ABCDE"), "text": ["stand", "oven", "bed", "fridge", "drawer"]}},
                 {"question": "What do you use to cut paper?", "answerKey": "B", "choices": {
@@ -52,7 +52,7 @@ def hub_docs(n):
     for d in docs["boolq"]:
         d["question"] = d["question"].removesuffix("?")       # the harness adds the question mark back
     docs["winogrande"] = []
-    for r in foundry("winogrande", n):                          # sentence = the shared prefix + "_" + the rest
+    for r in local_rows("winogrande", n):                          # sentence = the shared prefix + "_" + the rest
         a, b = r["context_options"]
         cut = os.path.commonprefix([a, b]).rfind(" ") + 1
         doc = {"sentence": a[:cut] + "_ " + r["continuation"], "option1": a[cut:], "option2": b[cut:],
@@ -94,7 +94,7 @@ def ours(ckpt, docs):
     import torch
     from model import load_checkpoint
     model, cfg = load_checkpoint(ckpt, "cpu")
-    enc, encode = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2")), None
+    enc = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2"))
     encode = nf.encoder(enc)
     out = {}
     for name, rows in docs.items():
