@@ -1,9 +1,11 @@
 """
 eval.py — how good is a checkpoint? Zero-shot benchmarks and bits per byte, in one pass.
 
-    python eval.py --ckpt out/gpt2_124m                                   # every task + bits per byte
+    python eval.py --ckpt out/gpt2_124m                                   # the core suite + bits per byte
     python eval.py --ckpt out/tiny --tasks hellaswag,piqa --limit 200     # a quick look
+    python eval.py --ckpt out/gpt2_124m --suite lrc --online              # the LRC card's nine columns
     python eval.py --compare out/gpt2_124m out/lille_130m                 # side by side (their eval.json)
+    python eval.py --compare out/a out/b --suite lrc --reference          # the card's table, one row a run
 
 THE ONE IDEA. A language model assigns a probability to any text. To ask it a multiple-choice question we do
 not make it "answer": we write each candidate after the question and measure how likely the model finds it,
@@ -27,8 +29,18 @@ lm-evaluation-harness (its rendering prefixes the activity label, see eval_tasks
 text, so expect agreement with llm.c to a few tenths of a point, not exactly.
 
 For every task the table also shows `chance`, the expected accuracy of guessing uniformly (the mean of
-1/num_choices over the items), and ±1 standard error sqrt(p(1-p)/n) of acc, so "0.27 on 10k items" can be told
-from noise.
+1/num_choices over the items), and ±1 standard error of acc, so "0.27 on 10k items" can be told from noise:
+the harness's sample standard deviation over sqrt(n), which for 0/1 scores is sqrt(p(1-p)/(n-1)).
+
+SUITES. `--suite core` (the default) is the set above; `--suite lrc` is the LRC card's zero-shot table:
+ARC-E, ARC-C, LogiQA, CSQA, PIQA, WinoG, BoolQ, SciQ, MMLU and their average, each in the metric the paper
+reports (eval_tasks.LRC_COLUMNS), printed as one row per checkpoint; `--reference` adds the published
+LRC-1.5B-SFT row. MMLU's 57 subjects: acc is the mean over all items (the harness's `mmlu` number), acc_macro
+the mean over subjects, and eval.json holds each subject's own numbers.
+
+NOTHING IS LOST. Every task file (every row of it) and the bits-per-byte text are read and checked before
+the model is loaded; a bad row is one line naming its file and line. eval.json is written to a temporary
+file and renamed, so a run that fails leaves the previous results whole.
 
 BATCHING. Candidates are independent sequences. We sort them by length (longest first), cut batches that fit
 a budget of rows x tokens, pad every row on the RIGHT to the longest in its batch, and run one forward.
@@ -68,7 +80,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval_tasks import DEFAULT_DATA_ROOT, TASKS, check_task_names, load_items, read_rows
+from eval_tasks import (DEFAULT_DATA_ROOT, LRC_COLUMNS, LRC_REFERENCE, SUITES, TASKS, load_items, read_rows,
+                        resolve_tasks)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BPB_FILE = os.path.join(ROOT, "..", "shared", "data", "openstax_edu_text", "sample_50.jsonl")
@@ -188,6 +201,7 @@ def encoder(enc):
     cache = {}
 
     def encode(text):
+        # each choice repeats its item's context: a long BoolQ or LogiQA passage is encoded once, not per choice
         if text not in cache:
             cache[text] = enc.encode_ordinary(text) or [enc.eot_token]
         return cache[text]
@@ -224,6 +238,9 @@ def run_task(model, enc, name, items, block_size, device, batch_size=64, batch_t
         res.update({key: float(np.mean(v)) for key, v in hits.items()})
         if kind == "schema":   # one shared continuation: both normalisations equal acc by construction
             res.pop("acc_norm"), res.pop("acc_token")
+        if any("group" in it for it in items):   # MMLU: each subject's numbers and their plain mean
+            res["subjects"] = per_group([it.get("group") for it in items], hits)
+            res["acc_macro"] = float(np.mean([g["acc"] for g in res["subjects"].values()]))
         res["chance"] = float(np.mean([1.0 / len(it["pairs"]) for it in items]))
         res["truncated"] = scored["truncated"]
     elif kind == "lm":
@@ -242,21 +259,49 @@ def run_task(model, enc, name, items, block_size, device, batch_size=64, batch_t
                            for it, t in list(zip(items, texts))[:3]]
     else:
         raise ValueError(f"{name}: unknown task kind '{kind}'")
-    n, p = len(items), res["acc"]
-    res["stderr"] = math.sqrt(p * (1 - p) / n) if n else float("nan")
+    res["stderr"] = stderr(res["acc"], len(items))
     return res
+
+
+def stderr(p, n):
+    """lm-evaluation-harness's standard error of a mean of 0/1 scores: sample std (n - 1) / sqrt(n)."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+
+
+def per_group(groups, hits):
+    """{group: {"n", "acc", ...}} for items labelled with a group (MMLU's subjects), sorted by name.
+
+    Two averages follow from it. Over items (acc), every question counts once: the harness's `mmlu` number,
+    dominated by the big subjects (professional_law alone is 1,534 of 14,042 items). Over subjects
+    (acc_macro), every subject counts once, the way MMLU's per-subject tables are usually read."""
+    out = {}
+    for g in sorted(set(groups)):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        out[g] = {"n": len(idx), **{key: float(np.mean([v[i] for i in idx])) for key, v in hits.items()}}
+    return out
 
 
 # ---- bits per byte ----------------------------------------------------------------------------------------------
 def read_documents(path):
-    """.jsonl / .jsonl.gz: the "text" field of every line; anything else: the whole file is one document."""
+    """.jsonl / .jsonl.gz: the "text" field of every line; anything else: the whole file is one document.
+    Checked before any model work: a missing file, a non-UTF-8 byte or a row without text is one line naming
+    the file and the line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"bits-per-byte file {path} not found (--bpb_file; 'none' skips it)")
     if path.endswith((".jsonl", ".jsonl.gz")):
-        docs = [r["text"] for r in read_rows(path)]
+        docs = []
+        for n, row in read_rows(path):
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}, line {n}: no \"text\" string field (the bits-per-byte text)")
+            docs.append(row["text"])
     else:
-        with open(path, encoding="utf-8") as f:
-            docs = [f.read()]
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            docs = [raw.decode("utf-8")]
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"{path} holds no text")
@@ -277,48 +322,68 @@ def window_requests(tokens, block_size, stride):
     return reqs
 
 
-def bits_per_byte(model, enc, path, block_size, device, stride=None, batch_size=64, batch_tokens=4096,
+def bits_per_byte(model, enc, docs, block_size, device, stride=None, batch_size=64, batch_tokens=4096,
                   progress=False):
-    docs = read_documents(path)
+    """docs: read_documents' list of texts."""
     stride = stride or max(1, block_size // 2)
     reqs = [r for d in docs for r in window_requests([enc.eot_token] + enc.encode_ordinary(d), block_size, stride)]
     scored = score_requests(model, reqs, block_size, enc.n_vocab, device, batch_size, batch_tokens, "bpb", progress)
     nats, n_tokens = -float(scored["logprob"].sum()), int(scored["n_tokens"].sum())
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    return {"file": os.path.abspath(path), "documents": len(docs), "tokens": n_tokens, "bytes": n_bytes,
+    return {"documents": len(docs), "tokens": n_tokens, "bytes": n_bytes,
             "stride": stride, "nats_per_token": nats / n_tokens, "bytes_per_token": n_bytes / n_tokens,
             "bpb": nats / math.log(2) / n_bytes}
 
 
 # ---- a whole suite -------------------------------------------------------------------------------------------
-def evaluate(model, enc, tasks, block_size, device, data_root=DEFAULT_DATA_ROOT, limit=None, bpb_file=None,
-             bpb_stride=None, batch_size=64, batch_tokens=4096, online=False, progress=False, log=print):
+def prepare(names, data_root=DEFAULT_DATA_ROOT, limit=None, online=False, bpb_file=None):
+    """Every task's items and the bits-per-byte text, read and checked before any model is loaded, so a bad
+    row in the last file cannot cost the results of the tasks before it."""
+    tasks = {name: load_items(name, data_root, limit, online) for name in names}
+    bpb = {"file": os.path.abspath(bpb_file), "docs": read_documents(bpb_file)} if bpb_file else None
+    return tasks, bpb
+
+
+def evaluate(model, enc, tasks, block_size, device, bpb=None, bpb_stride=None, batch_size=64, batch_tokens=4096,
+             progress=False, log=print):
+    """tasks, bpb: what prepare() returned. -> {"tasks": {name: metrics}, "bpb": metrics or None}."""
     results = {"tasks": {}, "bpb": None}
-    for name in tasks:
+    for name, data in tasks.items():
         t0 = time.time()
-        items = load_items(name, data_root, limit, online)
-        r = run_task(model, enc, name, items, block_size, device, batch_size, batch_tokens, progress)
-        r["seconds"] = time.time() - t0
+        r = run_task(model, enc, name, data["items"], block_size, device, batch_size, batch_tokens, progress)
+        r.update(data=data["source"], seconds=time.time() - t0)
+        if data["note"]:
+            r["note"] = data["note"]
         results["tasks"][name] = r
         log(f"  {name:<30} {r['n']:6d} items  acc {r['acc']:.4f}  ({r['seconds']:.1f} s)")
-    if bpb_file:
+    if bpb:
         t0 = time.time()
-        results["bpb"] = bits_per_byte(model, enc, bpb_file, block_size, device, bpb_stride, batch_size,
-                                       batch_tokens, progress)
+        results["bpb"] = {"file": bpb["file"], **bits_per_byte(model, enc, bpb["docs"], block_size, device,
+                                                                bpb_stride, batch_size, batch_tokens, progress)}
         results["bpb"]["seconds"] = time.time() - t0
     return results
 
 
+# ---- tables ----------------------------------------------------------------------------------------------------
 def fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
 
+def footnotes(results):
+    """Where a task's prompt deliberately differs from lm-evaluation-harness, and where its data does."""
+    lines = [f"  {name}: {TASKS[name].differs}" for name in results["tasks"] if TASKS[name].differs]
+    lines += [f"  * {name}: {r['note']}" for name, r in results["tasks"].items() if r.get("note")]
+    return lines
+
+
 def format_table(results):
-    lines = [f"{'task':<30}{'n':>7}{'acc':>9}{'acc_norm':>10}{'acc_token':>11}{'chance':>8}{'± s.e.':>8}"
+    lines = ["renderings: lm-evaluation-harness v0.4.8's task definitions (eval_tasks.py), except as noted below",
+             f"{'task':<30}{'n':>7}{'acc':>9}{'acc_norm':>10}{'acc_token':>11}{'chance':>8}{'± s.e.':>8}"
              f"  {'other':<13}{'sec':>7}"]
     for name, r in results["tasks"].items():
-        other = f"ppl {r['ppl']:.2f}" if "ppl" in r else ""
-        lines.append(f"{name:<30}{r['n']:>7}{fmt(r['acc']):>9}{fmt(r.get('acc_norm')):>10}"
+        other = f"ppl {r['ppl']:.2f}" if "ppl" in r else f"macro {r['acc_macro']:.4f}" if "acc_macro" in r else ""
+        label = name + ("*" if r.get("note") else "")
+        lines.append(f"{label:<30}{r['n']:>7}{fmt(r['acc']):>9}{fmt(r.get('acc_norm')):>10}"
                      f"{fmt(r.get('acc_token')):>11}{fmt(r['chance']):>8}{fmt(r['stderr']):>8}  {other:<13}"
                      f"{r.get('seconds', 0):>7.1f}")
     b = results.get("bpb")
@@ -326,7 +391,7 @@ def format_table(results):
         lines.append(f"bits per byte {b['bpb']:.4f}  ({os.path.basename(b['file'])}: {b['documents']} documents, "
                      f"{b['tokens']:,} tokens, {b['bytes']:,} bytes, {b['nats_per_token']:.4f} nats/token, "
                      f"stride {b['stride']}, {b.get('seconds', 0):.1f} s)")
-    return "\n".join(lines)
+    return "\n".join(lines + footnotes(results))
 
 
 def compare_table(named_results):
@@ -335,7 +400,7 @@ def compare_table(named_results):
     rows, seen = [], set()
     for _, res in named_results:
         for task, r in res["tasks"].items():
-            for metric in ("acc", "acc_norm", "acc_token", "ppl"):
+            for metric in ("acc", "acc_norm", "acc_token", "acc_macro", "ppl"):
                 if metric in r and (task, metric) not in seen:
                     seen.add((task, metric))
                     rows.append((task, metric))
@@ -353,9 +418,53 @@ def compare_table(named_results):
     return "\n".join(lines)
 
 
+def lrc_row(res):
+    """One run's row of the LRC card's table: {column: metric x 100 or None, "Avg": ...}, and its notes."""
+    row, notes = {}, []
+    for col, task, metric in LRC_COLUMNS:
+        r = res["tasks"].get(task, {})
+        row[col] = 100 * r[metric] if metric in r else None
+        if r.get("note"):
+            notes.append((col, r["note"]))
+    vals = list(row.values())
+    row["Avg"] = sum(vals) / len(vals) if None not in vals else None   # only over all nine, as the card
+    return row, notes
+
+
+def lrc_table(named_results, reference=False):
+    """The LRC card's zero-shot table, one row per run (x100, the paper's metric per column), optionally under
+    the published LRC-1.5B-SFT row. A `*` marks a cell whose data is not the harness's (see the notes).
+
+    The paper's average is the plain mean of the nine columns, so a run missing any column gets no average:
+    a mean over fewer tasks would look comparable and is not. The same goes for --limit runs, which the notes
+    name: a first-N subset of each task estimates the full number with a standard error of about 0.5/sqrt(N)."""
+    cols = [c for c, _, _ in LRC_COLUMNS] + ["Avg"]
+    width = max([26] + [len(n) + 2 for n, _ in named_results])
+    lines = ["LRC card's zero-shot table (x100; every column rendered as lm-evaluation-harness v0.4.8): acc_norm "
+             "for ARC-C and LogiQA, acc elsewhere (the paper's Table 14); MMLU: the mean over items, as the harness",
+             f"{'run':<{width}}" + "".join(f"{c:>8}" for c in cols)]
+    if reference:
+        name, ref = LRC_REFERENCE
+        lines.append(f"{name:<{width}}" + "".join(f"{ref[c]:>8.2f}" for c in cols))
+    notes = []
+    for name, res in named_results:
+        row, run_notes = lrc_row(res)
+        flagged = {col for col, _ in run_notes}
+        lines.append(f"{name:<{width}}" + "".join(f"{fmt(row[c], '.2f') + ('*' if c in flagged else ''):>8}"
+                                                  for c in cols))
+        notes += [f"  * {name} {col}: {note}" for col, note in run_notes]
+        if res.get("limit"):
+            notes.append(f"  {name}: the first {res['limit']} items of each task only, not the full sets")
+    return "\n".join(lines + notes)
+
+
 # ---- command line --------------------------------------------------------------------------------------------
 def run_folder(ckpt):
     return ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+
+
+def run_name(ckpt):
+    return os.path.basename(os.path.normpath(run_folder(ckpt)))
 
 
 def checkpoint_file(ckpt):
@@ -365,8 +474,24 @@ def checkpoint_file(ckpt):
     return file
 
 
-def evaluate_checkpoint(ckpt, args, tasks):
-    """Load a run's checkpoint, evaluate it, write <run>/eval.json (or --out); returns the results dict."""
+def read_results(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it to evaluate again") from None
+
+
+def write_results(results, out):
+    """Temporary file, then rename: a crash mid-write leaves the previous eval.json whole."""
+    tmp = f"{out}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, out)
+
+
+def evaluate_checkpoint(ckpt, args, tasks, bpb):
+    """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
     import tiktoken
     from model import load_checkpoint
     file = checkpoint_file(ckpt)
@@ -378,23 +503,21 @@ def evaluate_checkpoint(ckpt, args, tasks):
     t0 = time.time()
     model, cfg = load_checkpoint(file, device)
     enc = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2"))
-    try:  # the step is metadata; a memory-mapped second look costs nothing
-        step = int(torch.load(file, map_location="cpu", weights_only=False, mmap=True).get("step", -1))
+    try:  # the step is metadata; a memory-mapped second look (tensors only, no code) costs nothing
+        step = int(torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("step", -1))
     except Exception:
         step = None
     batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
     print(f"evaluating {file} (step {step}, {model.num_params():,} parameters, context {model.config.block_size}) "
           f"on {device}{' with bf16 autocast' if device.type == 'cuda' else ''}")
-    bpb_file = None if args.bpb_file.lower() in ("", "none") else args.bpb_file
-    results = evaluate(model, enc, tasks, model.config.block_size, device, args.data_root, args.limit, bpb_file,
-                       args.bpb_stride or None, args.batch_size, batch_tokens, args.online, progress=True)
+    results = evaluate(model, enc, tasks, model.config.block_size, device, bpb, args.bpb_stride or None,
+                       args.batch_size, batch_tokens, progress=True)
     results.update({"ckpt": os.path.abspath(file), "step": step, "tokenizer": enc.name, "limit": args.limit,
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "suite": args.suite, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": time.time() - t0})
     out = (args.out if not args.compare else "") or os.path.join(run_folder(ckpt), "eval.json")
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(results, out)
     print(format_table(results))
     print(f"total {results['seconds']:.1f} s; wrote {out}")
     return results
@@ -403,7 +526,10 @@ def evaluate_checkpoint(ckpt, args, tasks):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="zero-shot benchmarks and bits per byte for a nanoforge checkpoint")
     p.add_argument("--ckpt", help="run folder (its ckpt.pt) or a .pt file")
-    p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all': {', '.join(TASKS)}")
+    p.add_argument("--tasks", default=None, help=f"comma-separated, or 'all': {', '.join(TASKS)}")
+    p.add_argument("--suite", default=None, help="; ".join(f"{k}: {', '.join(v)}" for k, v in SUITES.items())
+                   + " (default core; lrc prints the LRC card's table)")
+    p.add_argument("--reference", action="store_true", help="--suite lrc: add the published LRC-1.5B-SFT row")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (quick runs)")
     p.add_argument("--batch_size", type=int, default=64, help="most sequences per forward")
     p.add_argument("--batch_tokens", type=int, default=0,
@@ -432,25 +558,23 @@ def main(argv=None):
     if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(shared_cache):
         os.environ["TIKTOKEN_CACHE_DIR"] = shared_cache   # offline machines: the tokenizer files staged there
     try:
-        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        check_task_names(tasks)
-        if not args.online:   # a missing or malformed file fails now, not after loading a model and other tasks
-            for t in tasks:
-                load_items(t, args.data_root, limit=1)
-        if args.compare:
-            named = []
-            for run in args.compare:
-                path = os.path.join(run_folder(run), "eval.json")
-                if os.path.exists(path):
-                    with open(path) as f:
-                        named.append((os.path.basename(os.path.normpath(run_folder(run))), json.load(f)))
-                else:
-                    checkpoint_file(run)
-                    named.append((os.path.basename(os.path.normpath(run_folder(run))),
-                                  evaluate_checkpoint(run, args, tasks)))
-            print(compare_table(named))
-        else:
-            evaluate_checkpoint(args.ckpt, args, tasks)
+        # every check before any work: names, checkpoints, then every row of every file
+        # (a typo in a name must not cost a model load, and a missing checkpoint must not cost reading
+        # 14k MMLU rows; --compare re-evaluates only the runs that have no eval.json yet)
+        names = resolve_tasks(args.tasks, args.suite)
+        if args.reference and args.suite != "lrc":
+            raise ValueError("--reference adds the published LRC-1.5B-SFT row to --suite lrc's table")
+        runs = args.compare or [args.ckpt]
+        stored = {r: os.path.join(run_folder(r), "eval.json") for r in runs}
+        todo = [r for r in runs if not (args.compare and os.path.exists(stored[r]))]
+        for run in todo:
+            checkpoint_file(run)
+        bpb_file = None if args.bpb_file.lower() in ("", "none") else args.bpb_file
+        tasks, bpb = prepare(names, args.data_root, args.limit, args.online, bpb_file) if todo else (None, None)
+        named = [(run_name(r), evaluate_checkpoint(r, args, tasks, bpb) if r in todo else read_results(stored[r]))
+                 for r in runs]
+        if args.suite == "lrc" or args.compare:
+            print(lrc_table(named, args.reference) if args.suite == "lrc" else compare_table(named))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

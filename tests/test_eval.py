@@ -1,8 +1,10 @@
 """
 Tests for eval.py / eval_tasks.py: the scorer picks what a model with known preferences prefers, the metrics
-differ where they should, batching/padding/truncation change nothing, every real task file parses into the
-documented rendering, a random model sits at chance, bits per byte is exact for a uniform model, and bad
-input ends in a one-line error.
+differ where they should, batching/padding/truncation change nothing, every rendering equals
+lm-evaluation-harness's (hand-written expected strings from its task files), a local file row and the hub row
+of the same item render alike, every real task file parses, a random model sits at chance, bits per byte is
+exact for a uniform model, the LRC suite's table comes out of a tiny checkpoint on the stand-in files in
+tests/data/evals, and bad input ends in a one-line error before anything is scored or overwritten.
 """
 import dataclasses
 import json
@@ -20,7 +22,8 @@ import eval_tasks
 from conftest import SHARED
 from model import GPT, GPTConfig
 
-EVAL_DATA = os.path.join(SHARED, "data", "evals")
+EVAL_DATA = os.environ.get("NANOFORGE_EVAL_DATA") or os.path.join(SHARED, "data", "evals")   # the real files
+STAND_INS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "evals")    # hand-written rows
 needs_data = pytest.mark.skipif(not os.path.isdir(EVAL_DATA), reason=f"shared eval data not found at {EVAL_DATA}")
 CPU = torch.device("cpu")
 
@@ -130,23 +133,108 @@ def test_batching_padding_and_truncation_change_nothing(enc):
         nf_eval.score_requests(model, [([1], list(range(65)))], 64, 50257, CPU)
 
 
-# ---- the real task files ---------------------------------------------------------------------------------------
+# ---- renderings: equal to lm-evaluation-harness v0.4.8's task files ----------------------------------------------
+def pairs_of(name, canonical_row):
+    item = eval_tasks.RENDER[eval_tasks.TASKS[name].kind](canonical_row)
+    return item["pairs"], item["gold"]
+
+
+def test_new_renderings_equal_the_harness_definitions():
+    # arc/arc_challenge.yaml: "Question: {{question}}\nAnswer:", choices.text, choices.label.index(answerKey)
+    arc = {"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]},
+           "answerKey": "2"}
+    assert pairs_of("arc_challenge", eval_tasks.arc_from_hub(arc)) == (
+        [("Question: Which is a gas?\nAnswer:", " ice"), ("Question: Which is a gas?\nAnswer:", " steam"),
+         ("Question: Which is a gas?\nAnswer:", " rock")], 1)
+    # sciq/sciq.yaml: "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", [d1, d2, d3, correct], target 3
+    rows = eval_tasks.read_rows(os.path.join(STAND_INS, "sciq", "sciq_test.jsonl"))
+    ctx = "Plants take in carbon dioxide and release oxygen.\nQuestion: What gas do plants take in for " \
+          "photosynthesis?\nAnswer:"
+    assert pairs_of("sciq", eval_tasks.sciq_row(rows[0][1])) == (
+        [(ctx, " oxygen"), (ctx, " nitrogen"), (ctx, " helium"), (ctx, " carbon dioxide")], 3)
+    assert pairs_of("sciq", eval_tasks.sciq_row(rows[1][1]))[0][3] == (
+        "\nQuestion: What is the boiling point of water at sea level in Celsius?\nAnswer:", " 100")   # no support
+    # logiqa/utils_logiqa.py: "Passage: ..\nQuestion: ..\nChoices:\nA. ..\nD. ..\nAnswer:", choices = option texts
+    row = eval_tasks.read_rows(os.path.join(STAND_INS, "logiqa", "logiqa_test.jsonl"))[0][1]
+    ctx = ("Passage: All cats in the house are grey. Tom is a cat in the house.\nQuestion: Which must be true?\n"
+           "Choices:\nA. Tom is black.\nB. Tom is grey.\nC. Tom is outside.\nD. Tom is a dog.\nAnswer:")
+    assert pairs_of("logiqa", eval_tasks.logiqa_row(row)) == (
+        [(ctx, " Tom is black."), (ctx, " Tom is grey."), (ctx, " Tom is outside."), (ctx, " Tom is a dog.")], 1)
+    # mmlu: description "The following are multiple choice questions (with answers) about {subject}.\n\n" +
+    # "{{question.strip()}}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:", choices A-D, target answer
+    mmlu = {"question": " What is 2 + 3? ", "subject": "high_school_us_history", "choices": ["4", "5", "6", "7"],
+            "answer": 1}
+    ctx = ("The following are multiple choice questions (with answers) about high school us history.\n\n"
+           "What is 2 + 3?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:")
+    item = eval_tasks.choice(eval_tasks.mmlu_row(mmlu))
+    assert item["pairs"] == [(ctx, " A"), (ctx, " B"), (ctx, " C"), (ctx, " D")] and item["gold"] == 1
+    assert item["group"] == "high_school_us_history" and len(eval_tasks.MMLU_SUBJECTS) == 57
+
+
+def test_boolq_copa_csqa_equal_the_harness_from_hub_and_from_file():
+    # super_glue/boolq/default.yaml: "{{passage}}\nQuestion: {{question}}?\nAnswer:", ["no", "yes"], label
+    hub = {"passage": "Frogs -- Frogs start life as tadpoles.", "question": "do frogs start life in water",
+           "label": 1}
+    ctx = "Frogs -- Frogs start life as tadpoles.\nQuestion: do frogs start life in water?\nAnswer:"
+    assert pairs_of("boolq", eval_tasks.boolq_from_hub(hub)) == ([(ctx, " no"), (ctx, " yes")], 1)
+    local = {"query": "Passage: Frogs -- Frogs start life as tadpoles.\nQuestion: do frogs start life in water?",
+             "choices": ["no", "yes"], "gold": 1}          # llm-foundry's row: a "Passage: " prefix, no "Answer:"
+    assert pairs_of("boolq", eval_tasks.boolq_from_file(local)) == ([(ctx, " no"), (ctx, " yes")], 1)
+    # super_glue/copa/utils.py: premise.strip()[:-1] + " therefore", choices " " + lower-first, target_delimiter
+    # " " in front: a double space, and no comma
+    hub = {"premise": "The man turned on the faucet.", "choice1": "The toilet filled.", "choice2": "Water flowed.",
+           "question": "effect", "label": 1}
+    want = ([("The man turned on the faucet therefore", "  the toilet filled."),
+             ("The man turned on the faucet therefore", "  water flowed.")], 1)
+    assert pairs_of("copa", eval_tasks.copa_from_hub(hub)) == want
+    local = {"query": "The man turned on the faucet, therefore", "choices": ["the toilet filled.", "water flowed."],
+             "gold": 1}
+    assert pairs_of("copa", eval_tasks.copa_from_file(local)) == want
+    cause = dict(hub, question="cause", premise="My body cast a shadow over the grass.")
+    assert pairs_of("copa", eval_tasks.copa_from_hub(cause))[0][0][0] == "My body cast a shadow over the grass because"
+    # commonsense_qa/default.yaml: "Question: {{question.strip()}}\nA. ..\nE. ..\nAnswer:", choices A-E, answerKey
+    hub = {"question": "Where is a wet umbrella put? ", "answerKey": "C",
+           "choices": {"label": list("ABCDE"), "text": ["oven", "bed", "stand", "fridge", "sink"]}}
+    ctx = "Question: Where is a wet umbrella put?\nA. oven\nB. bed\nC. stand\nD. fridge\nE. sink\nAnswer:"
+    assert pairs_of("commonsense_qa", eval_tasks.csqa_from_hub(hub)) == ([(ctx, " " + x) for x in "ABCDE"], 2)
+    local = {"query": "Question: Where is a wet umbrella put?\nChoices:\nA. oven\nB. bed\nC. stand\nD. fridge\n"
+                      "E. sink\nAnswer:", "choices": list("ABCDE"), "gold": 2}
+    assert pairs_of("commonsense_qa", eval_tasks.csqa_from_file(local)) == ([(ctx, " " + x) for x in "ABCDE"], 2)
+
+
+def test_other_hub_rows_convert_like_the_local_files():
+    # the online path's converters, on rows shaped like the hub datasets (no network here)
+    piqa = eval_tasks.piqa_from_hub({"goal": "Keep bread fresh", "sol1": "bag it", "sol2": "sun it", "label": 0})
+    assert piqa == eval_tasks.foundry("\nAnswer:")({"query": "Question: Keep bread fresh\n", "choices": ["bag it",
+                                                                                                "sun it"], "gold": 0})
+    wino = eval_tasks.winogrande_from_hub({"sentence": "Sarah was better than Maria so _ got the easy cases.",
+                                           "option1": "Sarah", "option2": "Maria", "answer": "2"})
+    assert wino == {"context_options": ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"],
+                    "continuation": "got the easy cases.", "gold": 1}
+    hs = eval_tasks.hellaswag_from_hub({"ctx": "Bake a cake. [title] Mix the  flour.", "endings": ["a [step] b"] * 4,
+                                        "label": "2"})
+    assert hs["query"] == "Bake a cake.. Mix the flour." and hs["choices"][0] == "a b" and hs["gold"] == 2
+    assert eval_tasks.lm(eval_tasks.lambada_from_hub({"text": "he said hello"})) == {"context": "he said",
+                                                                                      "continuation": " hello"}
+
+
 MANIFEST_COUNTS = {"hellaswag": 10042, "arc_easy": 2376, "piqa": 1838, "boolq": 3270, "copa": 100,
                    "commonsense_qa": 1221, "winogrande": 1267, "lambada_openai": 5153,
                    "simple_arithmetic_nospaces": 1000, "simple_arithmetic_withspaces": 1000}
 
 
 @needs_data
-@pytest.mark.parametrize("name", list(eval_tasks.TASKS))
+@pytest.mark.parametrize("name", eval_tasks.SUITES["core"])
 def test_task_file_parses_into_the_documented_rendering(name):
-    items = eval_tasks.load_items(name, EVAL_DATA)
+    data = eval_tasks.load_items(name, EVAL_DATA)
+    items = data["items"]
     assert len(items) == MANIFEST_COUNTS[name]
     kind = eval_tasks.TASKS[name].kind
     for it in items[:5]:
         if kind in ("choice", "schema"):
             assert len(it["pairs"]) >= 2 and 0 <= it["gold"] < len(it["pairs"])
             for ctx, cont in it["pairs"]:
-                assert ctx and ctx == ctx.rstrip() and cont.startswith(" ") and cont[1:].strip() == cont[1:]
+                assert ctx and ctx == ctx.rstrip() and cont.startswith(" ") and cont.strip() == cont.lstrip()
             assert len(it["norm_texts"]) == len(it["pairs"])
         elif kind == "lm":
             assert it["context"] == it["context"].rstrip() and it["continuation"].startswith(" ")
@@ -155,11 +243,14 @@ def test_task_file_parses_into_the_documented_rendering(name):
     first = items[0]
     if name in ("arc_easy", "piqa"):
         assert first["pairs"][0][0].startswith("Question: ") and first["pairs"][0][0].endswith("\nAnswer:")
-    if name == "boolq":
-        assert first["pairs"][0][0].startswith("Passage: ") and first["pairs"][0][0].endswith("?\nAnswer:")
-        assert [c for _, c in first["pairs"]] == [" no", " yes"]
-    if name == "commonsense_qa":
-        assert first["pairs"][0][0].endswith("\nAnswer:") and first["pairs"][0][1] == " A"
+    if name == "boolq":   # the harness's prompt: no "Passage: " prefix
+        assert first["pairs"][0][0].startswith("All biomass goes") and first["pairs"][0][0].endswith("?\nAnswer:")
+        assert [c for _, c in first["pairs"]] == [" no", " yes"] and "Title" in data["note"]
+    if name == "copa":
+        assert first["pairs"][1] == ("The man turned on the faucet therefore", "  water flowed from the spout.")
+    if name == "commonsense_qa":   # lettered, no "Choices:" line; the local file's 4 choices are flagged
+        assert "\nChoices:" not in first["pairs"][0][0] and first["pairs"][0][0].endswith("\nD. new york\nAnswer:")
+        assert first["pairs"][0][1] == " A" and "not comparable" in data["note"]
     if name == "hellaswag":
         assert first["pairs"][3] == ("A man is sitting on a roof. he", " starts pulling up roofing on a roof.")
         assert first["gold"] == 3
@@ -170,32 +261,14 @@ def test_task_file_parses_into_the_documented_rendering(name):
         assert first == {"context": "25-759=", "answer": "-734"}
     if name == "simple_arithmetic_withspaces":
         assert first == {"context": "25 - 759 =", "answer": " -734"}
-
-
-def test_hub_rows_convert_to_the_local_format():
-    # the online path's converters, on rows shaped like the hub datasets (no network here)
-    arc = eval_tasks.arc_from_hub({"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
-                                   "answerKey": "B"})
-    assert eval_tasks.query("\nAnswer:")(arc)["pairs"][1] == ("Question: Which?\nAnswer:", " y")
-    wino = eval_tasks.winogrande_from_hub({"sentence": "Sarah was better than Maria so _ got the easy cases.",
-                                           "option1": "Sarah", "option2": "Maria", "answer": "2"})
-    assert wino == {"context_options": ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"],
-                    "continuation": "got the easy cases.", "gold": 1}
-    copa = eval_tasks.copa_from_hub({"premise": "The man turned on the faucet.", "choice1": "The toilet filled.",
-                                     "choice2": "Water flowed.", "question": "effect", "label": 1})
-    assert copa == {"query": "The man turned on the faucet, therefore", "choices": ["the toilet filled.",
-                                                                                   "water flowed."], "gold": 1}
-    hs = eval_tasks.hellaswag_from_hub({"ctx": "Bake a cake. [title] Mix the  flour.", "endings": ["a [step] b"] * 4,
-                                        "label": "2"})
-    assert hs["ctx"] == "Bake a cake.. Mix the flour." and hs["endings"][0] == "a b" and hs["label"] == 2
-    assert eval_tasks.lambada_from_hub({"text": "he said hello"}) == {"context": "he said", "continuation": "hello"}
+    assert (data["note"] is None) == (name not in ("boolq", "commonsense_qa"))
 
 
 # ---- a random model is at chance -------------------------------------------------------------------------------
 @needs_data
 @pytest.mark.parametrize("name,n", [("hellaswag", 160), ("piqa", 200)])
 def test_random_init_model_scores_near_chance(enc, name, n):
-    items = eval_tasks.load_items(name, EVAL_DATA, limit=n)
+    items = eval_tasks.load_items(name, EVAL_DATA, limit=n)["items"]
     r = nf_eval.run_task(tiny_gpt(256), enc, name, items, block_size=256, device=CPU, batch_size=64,
                          batch_tokens=4096)
     se = math.sqrt(r["chance"] * (1 - r["chance"]) / n)
@@ -250,12 +323,25 @@ def test_bpb_of_a_uniform_model_is_log2_vocab_times_tokens_per_byte(enc, tmp_pat
     n_bytes = sum(len(d.encode()) for d in docs)
     want = math.log2(enc.n_vocab) * tokens / n_bytes
     for stride in (32, 7):
-        b = nf_eval.bits_per_byte(PreferenceStub(50304, padding_bait=50257), enc, str(path), 32, CPU, stride)
+        b = nf_eval.bits_per_byte(PreferenceStub(50304, padding_bait=50257), enc, nf_eval.read_documents(str(path)),
+                                  32, CPU, stride)
         assert b["tokens"] == tokens and b["bytes"] == n_bytes and b["bpb"] == pytest.approx(want, rel=1e-6)
     txt = tmp_path / "doc.txt"
     txt.write_text(docs[1])
-    b = nf_eval.bits_per_byte(PreferenceStub(enc.n_vocab), enc, str(txt), 32, CPU)
+    b = nf_eval.bits_per_byte(PreferenceStub(enc.n_vocab), enc, nf_eval.read_documents(str(txt)), 32, CPU)
     assert b["bpb"] == pytest.approx(math.log2(enc.n_vocab) * len(enc.encode_ordinary(docs[1])) / len(docs[1].encode()))
+
+
+# ---- MMLU: per subject, micro and macro -------------------------------------------------------------------------
+def test_mmlu_reports_every_subject_and_both_averages(enc):
+    # the stub always answers " B" after "Answer:"; stand-in golds: mathematics B, C (0.5), anatomy C (0.0)
+    items = eval_tasks.load_items("mmlu", STAND_INS)["items"]
+    stub = PreferenceStub(50304, {one_token(enc, ":"): one_token(enc, " B")}, padding_bait=50300)
+    r = nf_eval.run_task(stub, enc, "mmlu", items, block_size=128, device=CPU)
+    assert r["subjects"] == {"anatomy": {"n": 1, "acc": 0.0, "acc_norm": 0.0, "acc_token": 0.0},
+                             "elementary_mathematics": {"n": 2, "acc": 0.5, "acc_norm": 0.5, "acc_token": 0.5}}
+    assert r["acc"] == pytest.approx(1 / 3) and r["acc_macro"] == 0.25    # harness's mean over items; macro
+    assert r["stderr"] == pytest.approx(math.sqrt((1 / 3) * (2 / 3) / 2))   # sample std / sqrt(n), as the harness
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
@@ -267,49 +353,146 @@ def save_tiny_checkpoint(folder, step, seed):
                 "step": step}, os.path.join(folder, "ckpt.pt"))
 
 
+def test_lrc_suite_prints_the_card_table_for_each_run(tmp_path, capsys):
+    a, b = str(tmp_path / "run_a"), str(tmp_path / "run_b")
+    save_tiny_checkpoint(a, 7, 0)
+    save_tiny_checkpoint(b, 9, 1)
+    common = ["--suite", "lrc", "--data_root", STAND_INS, "--bpb_file", "none", "--device", "cpu"]
+    nf_eval.main(["--ckpt", a] + common)
+    res = json.load(open(os.path.join(a, "eval.json")))
+    assert list(res["tasks"]) == eval_tasks.SUITES["lrc"] and res["suite"] == "lrc" and res["step"] == 7
+    assert set(res["tasks"]["mmlu"]["subjects"]) == {"anatomy", "elementary_mathematics"}
+    assert "not comparable" in res["tasks"]["commonsense_qa"]["note"]         # the 4-choice stand-in
+    out = capsys.readouterr().out
+    header = next(l for l in out.splitlines() if l.startswith("run "))
+    assert header.split() == ["run", "ARC-E", "ARC-C", "LogiQA", "CSQA", "PIQA", "WinoG", "BoolQ", "SciQ", "MMLU", "Avg"]
+    cells = next(l for l in out.splitlines() if l.startswith("run_a ")).split()[1:]
+    want = [100 * res["tasks"][t][m] for _, t, m in eval_tasks.LRC_COLUMNS]
+    assert [float(c.rstrip("*")) for c in cells] == pytest.approx([round(w, 2) for w in want + [sum(want) / 9]],
+                                                                  abs=0.006)
+    assert cells[3].endswith("*") and sum(c.endswith("*") for c in cells) == 2   # CSQA and BoolQ data notes
+    nf_eval.main(["--compare", a, b, "--reference"] + common)   # a: read from eval.json, b: evaluated now
+    lines = capsys.readouterr().out.splitlines()
+    rows = [l.split()[0] for l in lines if l.split() and l.split()[0] in ("LRC-1.5B-SFT", "run_a", "run_b")]
+    assert rows == ["LRC-1.5B-SFT", "run_a", "run_b"] and os.path.exists(os.path.join(b, "eval.json"))
+    assert next(l for l in lines if l.startswith("LRC-1.5B-SFT")).split()[-1] == "63.48"
+
+
 @needs_data
-def test_cli_writes_eval_json_and_compares_runs(tmp_path, capsys):
+def test_cli_core_tasks_write_eval_json_and_compare_runs(tmp_path, capsys):
     a, b = str(tmp_path / "run_a"), str(tmp_path / "run_b")
     save_tiny_checkpoint(a, 7, 0)
     save_tiny_checkpoint(b, 9, 1)
     text = tmp_path / "held_out.txt"
     text.write_text("The mitochondria is the powerhouse of the cell. " * 20)
     common = ["--tasks", "copa,winogrande,lambada_openai,simple_arithmetic_withspaces", "--limit", "4",
-              "--bpb_file", str(text), "--device", "cpu"]
+              "--bpb_file", str(text), "--device", "cpu", "--data_root", EVAL_DATA]
     nf_eval.main(["--ckpt", a] + common)
     res = json.load(open(os.path.join(a, "eval.json")))
     assert res["step"] == 7 and res["limit"] == 4 and set(res["tasks"]) == {"copa", "winogrande", "lambada_openai",
                                                                              "simple_arithmetic_withspaces"}
     assert res["tasks"]["copa"]["n"] == 4 and res["tasks"]["copa"]["chance"] == 0.5 and res["bpb"]["bpb"] > 0
     out = capsys.readouterr().out
-    assert "acc_norm" in out and "bits per byte" in out
-    nf_eval.main(["--compare", a, b] + common)       # a: read from eval.json, b: evaluated now
+    assert "acc_norm" in out and "bits per byte" in out and "simple_arithmetic_withspaces: llm-foundry's" in out
+    nf_eval.main(["--compare", a, b] + common)
     out = capsys.readouterr().out
-    assert os.path.exists(os.path.join(b, "eval.json"))
     header = [l for l in out.splitlines() if l.startswith("task") and "run_a" in l]
     assert header and "run_b" in header[0]
     assert any(l.startswith("step") and l.split()[-2:] == ["7", "9"] for l in out.splitlines())
 
 
-def test_bad_input_is_a_one_line_error(tmp_path):
-    def error_of(argv):
-        with pytest.raises(SystemExit) as e:
-            nf_eval.main(argv)
-        return str(e.value.code)
-    assert "no checkpoint at" in error_of(["--ckpt", str(tmp_path / "nope"), "--tasks", "copa", "--bpb_file", "none"])
-    msg = error_of(["--ckpt", str(tmp_path), "--tasks", "copa,hellaswagg"])
-    assert msg.startswith("error: unknown task(s) ['hellaswagg']") and "hellaswag" in msg
-    msg = error_of(["--ckpt", str(tmp_path), "--tasks", "copa", "--data_root", str(tmp_path)])
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        nf_eval.main(argv)
+    return str(e.value.code)
+
+
+def test_help_names_the_tasks_and_suites(capsys):
+    with pytest.raises(SystemExit):
+        nf_eval.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("arc_challenge", "sciq", "logiqa", "mmlu", "--suite", "core:", "lrc:", "--reference"):
+        assert word in text
+
+
+def test_bad_arguments_are_one_line_errors_that_keep_eval_json(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    save_tiny_checkpoint(run, 1, 0)
+    kept = os.path.join(run, "eval.json")
+    open(kept, "w").write('{"earlier": "results"}')
+    base = ["--ckpt", run, "--bpb_file", "none", "--data_root", STAND_INS]
+    assert error_of(base + ["--tasks", ""]).startswith("error: --tasks '' names no task")
+    assert error_of(base + ["--tasks", " , "]).startswith("error: --tasks ' , ' names no task")
+    assert error_of(base + ["--suite", "lrcc"]) == "error: unknown suite 'lrcc'; known: core, lrc"
+    msg = error_of(base + ["--tasks", "sciq,mmluu"])
+    assert msg.startswith("error: unknown task(s) ['mmluu']") and "mmlu" in msg
+    assert error_of(base + ["--tasks", "sciq", "--suite", "lrc"]) == "error: give --tasks or --suite, not both"
+    assert "--reference adds" in error_of(base + ["--tasks", "sciq", "--reference"])
+    assert "no checkpoint at" in error_of(["--ckpt", str(tmp_path / "nope"), "--tasks", "sciq", "--bpb_file", "none"])
+    msg = error_of(["--ckpt", run, "--tasks", "copa", "--data_root", str(tmp_path)])
     assert msg.startswith("error: copa: task file") and "not found" in msg and "--online" in msg
-    save_tiny_checkpoint(str(tmp_path / "run"), 1, 0)
-    msg = error_of(["--ckpt", str(tmp_path / "run"), "--tasks", "copa", "--limit", "2", "--bpb_file",
-                    str(tmp_path / "missing.jsonl"), "--data_root", EVAL_DATA])
-    assert "bits-per-byte file" in msg
-    bad = tmp_path / "bad"
-    (bad / "llm_foundry").mkdir(parents=True)
-    (bad / "llm_foundry" / "copa.jsonl").write_text('{"question": "no query field"}\n')
-    with pytest.raises(ValueError, match="item 0: not in the copa format"):
-        eval_tasks.load_items("copa", str(bad))
+    assert "bits-per-byte file" in error_of(base + ["--tasks", "sciq", "--bpb_file", str(tmp_path / "no.jsonl")])
+    assert open(kept).read() == '{"earlier": "results"}' and "evaluating" not in capsys.readouterr().out
+
+
+def test_bad_files_are_named_with_their_line_before_any_task_runs(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    save_tiny_checkpoint(run, 1, 0)
+    kept = os.path.join(run, "eval.json")
+    open(kept, "w").write('{"earlier": "results"}')
+    root = tmp_path / "evals"
+    for sub in ("sciq", "mmlu"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / f"{sub}_test.jsonl").write_text(open(os.path.join(STAND_INS, sub, f"{sub}_test.jsonl")).read())
+    mmlu = root / "mmlu" / "mmlu_test.jsonl"
+    good = mmlu.read_bytes()
+
+    def fails_with(text, mmlu_bytes=good, bpb_file="none"):
+        mmlu.write_bytes(mmlu_bytes)    # mmlu is the LAST task: a bad row there must stop the run before sciq
+        msg = error_of(["--ckpt", run, "--tasks", "sciq,mmlu", "--data_root", str(root), "--bpb_file", bpb_file])
+        assert text in msg, msg
+    fails_with(f"{mmlu}, line 2: not valid JSON", good.replace(b'"answer": 2}', b'"answer": 2', 1))
+    fails_with(f"{mmlu}, line 3: not UTF-8", good.replace(b"heart", b"he\xffrt"))
+    fails_with(f"{mmlu}, line 1: not in the mmlu format (KeyError: 'subject')", good.replace(b'"subject"', b'"topic"', 1))
+    fails_with(f"{mmlu}, line 3: not in the mmlu format (ValueError: unknown MMLU subject 'anatomyy')",
+               good.replace(b'"anatomy"', b'"anatomyy"'))
+    fails_with(f"{mmlu}, line 1: not in the mmlu format (TypeError: 'choices' must be a list of strings",
+               good.replace(b'["4", "5", "6", "7"]', b'"4567"'))
+    fails_with(f"{mmlu}, line 1: gold=7 with 4 choices", good.replace(b'"answer": 1', b'"answer": 7'))
+    fails_with(f"{mmlu}, line 1: a JSON object expected, not list", b"[1, 2]\n" + good)
+    fails_with(f"{mmlu}: no mmlu items", b"\n\n")
+    text = tmp_path / "held_out.txt"
+    text.write_bytes(b"fine\nline two \xff\nthree\n")
+    fails_with(f"{text}, line 2: not UTF-8", bpb_file=str(text))
+    docs = tmp_path / "held_out.jsonl"
+    docs.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    fails_with(f"{docs}, line 2: no \"text\" string field", bpb_file=str(docs))
+    assert open(kept).read() == '{"earlier": "results"}' and "evaluating" not in capsys.readouterr().out
+
+
+def test_hub_split_errors_and_hub_rows_without_network(tmp_path, monkeypatch):
+    # a stand-in `datasets` module: the real one would need the network
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        if split != "validation":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\', \'validation\'].')
+        return [{"premise": "The sun rose.", "choice1": "It got light.", "choice2": "It got dark.",
+                 "question": "effect", "label": 0}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    data = eval_tasks.load_items("copa", str(tmp_path), online=True)            # no local file: the hub's rows
+    assert data["source"] == "aps/super_glue/copa (validation)" and calls == [("aps/super_glue", "copa", "validation")]
+    assert data["items"][0]["pairs"][0] == ("The sun rose therefore", "  it got light.") and data["note"] is None
+    monkeypatch.setitem(eval_tasks.TASKS, "copa", dataclasses.replace(eval_tasks.TASKS["copa"],
+                                                                      hub=("aps/super_glue", "copa", "test")))
+    with pytest.raises(ValueError, match=r"copa: cannot load aps/super_glue/copa \(test\) from the hub "
+                                         r"\(ValueError: Unknown split \"test\""):
+        eval_tasks.load_items("copa", str(tmp_path), online=True)
+    with pytest.raises(FileNotFoundError, match="no hub dataset is known"):
+        eval_tasks.load_items("simple_arithmetic_nospaces", str(tmp_path), online=True)
 
 
 # ---- GPU: bf16 autocast + Triton kernels agree with the CPU, and the full suite is fast -----------------------
@@ -329,14 +512,14 @@ def test_gpu_scores_match_cpu(enc):
 @pytest.mark.gpu
 @needs_data
 def test_gpu_full_suite_speed(enc):
-    """Every task in full + bits per byte with a gpt2_124m-shaped model (random weights: timing only)."""
+    """The core suite in full + bits per byte with a gpt2_124m-shaped model (random weights: timing only)."""
     import time
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, ffn_hidden=2048, block_size=1024)
     model = GPT(cfg).cuda().eval()
     t0 = time.time()
-    res = nf_eval.evaluate(model, enc, list(eval_tasks.TASKS), 1024, torch.device("cuda"), EVAL_DATA,
-                           bpb_file=nf_eval.DEFAULT_BPB_FILE, batch_tokens=32768)
+    tasks, bpb = nf_eval.prepare(eval_tasks.SUITES["core"], EVAL_DATA, bpb_file=nf_eval.DEFAULT_BPB_FILE)
+    res = nf_eval.evaluate(model, enc, tasks, 1024, torch.device("cuda"), bpb, batch_tokens=32768)
     seconds = time.time() - t0
     print(nf_eval.format_table(res))
     print(f"full suite: {seconds:.1f} s on {torch.cuda.get_device_name()}")
