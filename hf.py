@@ -132,6 +132,10 @@ def gpt_config_from_hf(hf, where="config.json"):
     if kind != "default":
         fail("rope_parameters" if "rope_parameters" in hf else "rope_scaling",
              f"RoPE type '{kind}' rescales frequencies, nanoforge's RoPE has no scaling (model.py rope_tables)")
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if not isinstance(hf.get(k), int)]
+    if missing:
+        raise ValueError(f"{where}: missing or non-integer keys {missing}")
     n_head = hf["num_attention_heads"]
     return {"n_layer": hf["num_hidden_layers"], "n_embd": hf["hidden_size"], "n_head": n_head,
             "n_kv_head": hf.get("num_key_value_heads") or n_head,
