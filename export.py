@@ -67,10 +67,10 @@ def write_file(path, write):
         raise
 
 
-def write_json(path, obj):
+def write_json(path, obj, indent=1):
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
     write_file(path, write)
 
 
@@ -114,8 +114,8 @@ def tokenizer_json(enc, specials):
     off: tiktoken's replaces it)."""
     sym = byte_symbols()
     ranks = enc._mergeable_ranks
-    text = {b: "".join(sym[x] for x in b) for b in ranks}
-    merges = sorted((r, ranks[b[:i]], ranks[b[i:]], b[:i], b[i:])
+    text = {r: "".join(sym[x] for x in b) for b, r in ranks.items()}  # rank -> the token as vocab text
+    merges = sorted((r, ranks[b[:i]], ranks[b[i:]])  # (made, left, right), by the rank of what it makes
                     for b, r in ranks.items() for i in range(1, len(b)) if b[:i] in ranks and b[i:] in ranks)
     return {
         "version": "1.0", "truncation": None, "padding": None,
@@ -130,8 +130,10 @@ def tokenizer_json(enc, specials):
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {text[b]: r for b, r in ranks.items()},
-                  "merges": [[text[left], text[right]] for *_, left, right in merges]}}
+                  # the specials are in the vocab too: `tokenizers` keeps an added token's id only when the model
+                  # knows it, and would otherwise number them from the end (cl100k's end-of-text would be 100256)
+                  "vocab": {**{t: r for r, t in text.items()}, **{s: i for i, s in specials.items()}},
+                  "merges": [(text[left], text[right]) for _, left, right in merges]}}
 
 
 def export_specials(enc, padded_vocab_size):
@@ -261,7 +263,7 @@ def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
     write_json(os.path.join(out_dir, "config.json"), {**hf.hf_config(config, ids, extra), "torch_dtype": dtype})
     write_json(os.path.join(out_dir, "generation_config.json"),
                {"bos_token_id": ids["bos"], "eos_token_id": fmt.stop_ids, "pad_token_id": pad})
-    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(enc, specials))
+    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(enc, specials), indent=None)
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": specials[ids["eos"]],
         "pad_token": specials[pad], "add_bos_token": False, "add_eos_token": False,
@@ -343,17 +345,21 @@ def export(ckpt_path, out_dir, dtype="float32", fmt="hf", chat_format=None):
     return EXPORTERS[fmt](model, run_config, out_dir, dtype, **kwargs)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a run folder (its ckpt.pt) or a .pt file")
     p.add_argument("--format", default="hf", choices=list(EXPORTERS))
     p.add_argument("--out_dir", default=None, help="default: <run folder>/hf, /export or /onnx")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat_format", default=None, help="the chat template (hf): default the checkpoint's")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
     try:
         out = args.out_dir or os.path.join(run_dir, DEFAULT_DIR[args.format])
         print("wrote", export(args.ckpt, out, args.dtype, args.format, args.chat_format))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
