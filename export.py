@@ -44,6 +44,8 @@ DEFAULT_DIR = {"hf": "hf", "native": "export", "onnx": "onnx"}  # under the run 
 # ---- files: checked first, written atomically ----------------------------------------------------------------
 def check_out_dir(out_dir):
     """Create out_dir (and its parents) and prove it is writable with a probe file, before any work starts."""
+    # Asking os.access() would not do: root passes every permission check, yet a read-only file system still
+    # refuses it. Creating a file is the question the export will ask, so ask it first.
     probe = os.path.join(out_dir, f".probe-{os.getpid()}")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -57,11 +59,13 @@ def check_out_dir(out_dir):
 
 def write_file(path, write):
     """write(tmp_path) then rename: a crash or a full disk mid-write never leaves a half file under `path`."""
+    # The rename is atomic on one file system: a reader sees the old file or the new one, never a mixture. The pid
+    # in the temporary name keeps two exports into one folder from writing into each other's temporary file.
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # Ctrl-C too: remove the partial temporary, keep the previous file, re-raise
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
@@ -112,6 +116,10 @@ def tokenizer_json(enc, specials):
     pair first is then the same rule. ignore_merges=True takes a piece that is itself a token whole, as tiktoken
     does before merging. The split regex runs first (Split), then ByteLevel maps bytes to symbols (its own regex
     off: tiktoken's replaces it)."""
+    # An example (gpt2): " the" is rank 262 and splits into two tokens as " " + "the", " t" + "he" or " th" + "e",
+    # so three merges, each ranked 262, make it. Whichever pair of pieces a word reaches, " the" is made when 262
+    # is the lowest rank on offer, in both libraries, so both arrive at the same tokens (tested on 50 OpenStax
+    # documents). tiktoken keeps the ranks and the regex in "private" attributes; they are its data.
     sym = byte_symbols()
     ranks = enc._mergeable_ranks
     text = {r: "".join(sym[x] for x in b) for b, r in ranks.items()}  # rank -> the token as vocab text
@@ -150,6 +158,14 @@ def export_specials(enc, padded_vocab_size):
 # One template per format, read against chat_format.ChatFormat._segments. Every tag is {%- ... -%}, so the layout
 # below adds no whitespace; the text is what {{ }} prints. `bos`, `end` and the tags are set in front of the
 # template (chat_template below). ns.ctx holds a context message until the user message it precedes.
+#   alpaca     the preamble (a system message replaces it; "..., paired with an input ..." when the first turn has
+#              a context), then per turn "### Instruction:" [+ "### Input:"] + "### Response:" + answer + eot
+#   lime       [system] [context] <user> text <assistant> answer eot: the tags are special tokens
+#   parchment  a system turn always (ParchmentLM's default text if none is given); eot closes every turn
+#   chatml     <|im_start|>role\n ... <|im_end|>, a newline between turns; a context is a turn of its own
+#   none       the texts back to back: plain completion, nothing stripped
+# Jinja's `trim` is Python's str.strip(), as render's. Each user turn ends with the header that opens the answer,
+# printed when an answer follows or when add_generation_prompt asks for it (the HF convention).
 TEMPLATES = {
     "alpaca": r"""
 {{- bos -}}
@@ -245,10 +261,19 @@ def chat_template(fmt):
 
 # ---- the three formats ---------------------------------------------------------------------------------------
 def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
-    """A Hugging Face folder (see the module docstring). chat_format: default the checkpoint's, else 'none'."""
+    """A Hugging Face folder (see the module docstring). chat_format: default the checkpoint's, else 'none'.
+
+    The ids: bos is end-of-text (every nanoforge document and rendering begins with it), eos the format's end token
+    (<|im_end|> for chatml, end-of-text otherwise), pad the format's pad token where the padding has its row.
+    generation_config.json lists every id the format stops at, so model.generate stops where chat.py stops."""
+    # every check first: a refused export writes nothing, not even its folder
     config = model.config
-    hf.check_exportable(config)  # before any file is written
-    enc = get_encoding(run_config.get("tokenizer", "gpt2"))
+    hf.check_exportable(config)
+    spec = run_config.get("tokenizer", "gpt2")
+    enc = get_encoding(spec)
+    if not hasattr(enc, "_mergeable_ranks"):  # tokenizer_json reads tiktoken's ranks and split regex
+        raise ValueError(f"tokenizer '{spec}' is not a tiktoken encoding: --format hf builds tokenizer.json from "
+                         f"tiktoken's ranks (use --format native, and copy the tokenizer file yourself)")
     if enc.n_vocab > config.padded_vocab_size:
         raise ValueError(f"the model has {config.padded_vocab_size} embedding rows but its tokenizer "
                          f"'{enc.name}' has {enc.n_vocab} tokens")
@@ -259,11 +284,15 @@ def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
     ids = {"bos": enc.eot_token, "eos": fmt.ids["end"], "pad": pad}
     extra = {"vocab_size": config.vocab_size, "vocab_pad_multiple": config.vocab_pad_multiple,
              "tokenizer": enc.name, "chat_format": fmt.name}
+    check_out_dir(out_dir)
+    # the weights, then the files that describe them; each one lands whole or not at all (write_file)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), hf.to_hf_state_dict(model, getattr(torch, dtype)))
     write_json(os.path.join(out_dir, "config.json"), {**hf.hf_config(config, ids, extra), "torch_dtype": dtype})
     write_json(os.path.join(out_dir, "generation_config.json"),
                {"bos_token_id": ids["bos"], "eos_token_id": fmt.stop_ids, "pad_token_id": pad})
     write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(enc, specials), indent=None)
+    # tokenizer_config.json: which class reads tokenizer.json, the named special tokens, and two settings that keep
+    # decoding exact (no "clean up" of spaces before punctuation) and encoding tiktoken's (no BOS, no EOS added)
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": specials[ids["eos"]],
         "pad_token": specials[pad], "add_bos_token": False, "add_eos_token": False,
@@ -274,6 +303,7 @@ def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
 
 def export_native(model, run_config, out_dir, dtype="float32"):
     """nanoforge's own names and GPTConfig: any preset, read back by load_exported."""
+    check_out_dir(out_dir)
     tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         del tensors["lm_head.weight"]
@@ -316,9 +346,12 @@ def export_onnx(model, run_config, out_dir, dtype="float32"):
     import kernels
     if dtype != "float32":
         raise ValueError(f"--format onnx writes float32 (onnxruntime's CPU kernels), not {dtype}")
+    check_out_dir(out_dir)
+    # an example input fixes dtypes and ranks; Dim marks batch and length as free, so the graph is not specialised
+    # to (2, 8). The length is bounded by the context: the model refuses longer inputs, and the RoPE tables end there
     wrapper, idx = LogitsOnly(model).eval(), torch.zeros(2, min(8, model.config.block_size), dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=model.config.block_size)
-    previous = {name: kernels.backend(name) for name in kernels.KERNEL_NAMES}
+    previous = {name: kernels.backend(name) for name in kernels.KERNEL_NAMES}  # restored afterwards, whatever happens
     kernels.set_backend("torch")
     try:
         program = torch.onnx.export(wrapper, (idx,), dynamo=True, input_names=["idx"], output_names=["logits"],
@@ -334,13 +367,11 @@ EXPORTERS = {"hf": export_hf, "native": export_native, "onnx": export_onnx}
 
 
 def export(ckpt_path, out_dir, dtype="float32", fmt="hf", chat_format=None):
-    """Checkpoint (a run folder or a .pt file) -> files under out_dir; returns the main path written."""
+    """Checkpoint (a run folder or a .pt file) -> files under out_dir; returns the main path written.
+    Each exporter runs its checks, then check_out_dir, then writes: a refusal leaves no folder behind."""
     if fmt not in EXPORTERS:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(EXPORTERS)}")
     model, run_config = load_checkpoint(ckpt_path)
-    if fmt == "hf":
-        hf.check_exportable(model.config)  # the reason comes before a folder is made
-    check_out_dir(out_dir)
     kwargs = {"chat_format": chat_format} if fmt == "hf" else {}
     return EXPORTERS[fmt](model, run_config, out_dir, dtype, **kwargs)
 

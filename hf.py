@@ -102,7 +102,11 @@ def hf_config(config, token_ids, extra=None):
 
 def to_hf_state_dict(model, dtype=torch.float32):
     """The model's weights under Llama's names, fused matrices split. Each tensor is a fresh contiguous copy:
-    safetensors refuses tensors that share memory, and the pieces of a split are views of one matrix."""
+    safetensors refuses tensors that share memory, and the pieces of a split are views of one matrix.
+
+    nn.Linear stores W as (out, in) and computes x W^T, in both libraries, so the rows of c_attn are the output
+    features [q | k | v]: splitting along dim 0 gives q_proj (Hq*D, d), k_proj (Hkv*D, d), v_proj (Hkv*D, d).
+    Within q_proj the rows are head-major (head h owns rows h*D .. h*D+D-1), as both reshape (.., H, D)."""
     sd, out = model.state_dict(), {}
     for ours, theirs in _names(model.config).items():
         w = sd[ours].detach().to(dtype)
@@ -116,7 +120,12 @@ def to_hf_state_dict(model, dtype=torch.float32):
 
 # ---- Hugging Face -> nanoforge -------------------------------------------------------------------------------
 def gpt_config_from_hf(hf, where="config.json"):
-    """GPTConfig fields from a Llama config.json, or a ValueError naming the key nanoforge cannot express."""
+    """GPTConfig fields from a Llama config.json, or a ValueError naming the key nanoforge cannot express.
+
+    Accepted: what changes only sizes (layers, widths, heads, KV heads, head_dim, vocabulary, context, theta, eps,
+    tied or not). Refused: what changes the computation (biases, another activation, scaled RoPE such as
+    Llama-3.1/3.2's 'llama3' or 'linear'/'dynamic'/'yarn'). The vocabulary is taken as is (vocab_pad_multiple 1):
+    its rows are the file's. pretraining_tp only split matmuls during Meta's training; the math is the same."""
     def fail(key, why):
         raise ValueError(f"{where}: {key}={hf.get(key)!r}: {why}")
     if hf.get("model_type") != "llama" and ARCHITECTURE not in (hf.get("architectures") or []):
@@ -171,7 +180,8 @@ def from_hf_state_dict(tensors, config, where="the checkpoint"):
 
 
 def read_safetensors(folder):
-    """Every tensor of a folder's model.safetensors, or of the shards its model.safetensors.index.json lists."""
+    """Every tensor of a folder's model.safetensors, or of the shards its model.safetensors.index.json lists.
+    Large checkpoints are sharded (model-00001-of-00002.safetensors, ...); the index maps each name to its file."""
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
