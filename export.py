@@ -79,8 +79,15 @@ def write_json(path, obj, indent=1):
 
 
 def write_safetensors(path, tensors):
+    """safetensors creates its file readable by its owner only (0600); give it the mode open() would (the umask's)."""
     from safetensors.torch import save_file
-    write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~umask)
+    write_file(path, write)
 
 
 # ---- the tokenizer: tiktoken ranks -> a Hugging Face byte-level BPE -------------------------------------------
