@@ -322,16 +322,8 @@ def export_native(model, run_config, out_dir, dtype="float32"):
 
 
 def load_exported(out_dir):
-    """The inverse of export_native: a GPT from its folder (what another tool would do with the two files)."""
-    from safetensors.torch import load_file
-    with open(os.path.join(out_dir, "config.json")) as f:
-        config = json.load(f)
-    model = GPT(GPTConfig.from_dict(config))
-    tensors = load_file(os.path.join(out_dir, "model.safetensors"))
-    if config["tie_embeddings"]:
-        tensors["lm_head.weight"] = tensors["wte.weight"]
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return model.eval()
+    """The inverse of export_native: a GPT from its folder (hf.load_hf_model reads both kinds of folder)."""
+    return hf.load_hf_model(out_dir)[0]
 
 
 class LogitsOnly(torch.nn.Module):

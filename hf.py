@@ -27,6 +27,9 @@ naming the config.json key: a model that loads must compute what it computed whe
     from hf import load_hf_model
     model, config = load_hf_model("path/to/SmolLM2-135M")    # a local folder: config.json + *.safetensors
     # config: GPTConfig's fields + "tokenizer" (the folder's tokenizer.json) -> train.py / sft.py / chat.py
+
+load_hf_model also reads the folders export.py writes: --format hf (the same Llama files) and --format native
+(nanoforge's own names), so chat.py and eval.py can open an exported folder, which holds no code, only tensors.
 """
 import json
 import os
@@ -225,6 +228,8 @@ def load_hf_model(path, device="cpu"):
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder)")
     with open(config_file) as f:
         hf = json.load(f)
+    if hf.get("architecture") == "nanoforge.GPT":  # export.py --format native: our own names, nothing to map
+        return _load_native(folder, hf, device)
     fields = gpt_config_from_hf(hf, where=config_file)
     ours = hf.get("nanoforge") or {}
     run = {}
@@ -245,3 +250,16 @@ def load_hf_model(path, device="cpu"):
     state = from_hf_state_dict(read_safetensors(folder), config, where=folder)
     model.load_state_dict(state)  # copies into the fp32 parameters (bf16 files are widened), keeps the tie
     return model.to(device).eval(), {**fields, **run}
+
+
+def _load_native(folder, config, device):
+    """An export.py --format native folder: GPTConfig in config.json, nanoforge's names in model.safetensors
+    (a tied head stored once, as wte.weight)."""
+    gpt_config = GPTConfig.from_dict(config)
+    model = GPT(gpt_config)
+    tensors = read_safetensors(folder)
+    if gpt_config.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["wte.weight"]
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    run = {k: v for k, v in config.items() if k not in ("padded_vocab_size", "dtype", "architecture")}
+    return model.to(device).eval(), run

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import export
+import hf
 from chat_format import FORMATS, ChatFormat, get_encoding, render
 from conftest import SHARED
 from model import GPT, GPTConfig, load_checkpoint
@@ -38,6 +39,7 @@ def test_native_round_trip(tmp_path, tied):
     again = export.load_exported(out)
     idx = torch.randint(0, 100, (2, 9))
     torch.testing.assert_close(again(idx)[0], load_checkpoint(run)[0](idx)[0], rtol=0, atol=0)
+    assert hf.load_hf_model(out)[1]["tokenizer"] == "gpt2"  # what chat/eval read from a native folder
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
