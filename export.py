@@ -22,13 +22,13 @@ positions) are refused with the reason; --format native and --format onnx take a
 --format native is the plain form: nanoforge's own names in model.safetensors and GPTConfig in config.json
 (`tie_embeddings: true` stores a tied head once, as `wte.weight`; `load_exported` reads it back).
 
-Every file is written to a temporary name and renamed into place, and the output folder is checked before any
-work starts: a folder that cannot be created or written is one clear error, and a failed export leaves the files
-of an earlier one whole.
+The files are written into a staging folder and moved into place when all are complete: a folder that cannot be
+created or written is one clear error before any work, and a refused or failed export leaves an earlier one whole.
 """
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -41,53 +41,43 @@ from model import GPT, GPTConfig, load_checkpoint
 DEFAULT_DIR = {"hf": "hf", "native": "export", "onnx": "onnx"}  # under the run folder
 
 
-# ---- files: checked first, written atomically ----------------------------------------------------------------
-def check_out_dir(out_dir):
-    """Create out_dir (and its parents) and prove it is writable with a probe file, before any work starts."""
-    # Asking os.access() would not do: root passes every permission check, yet a read-only file system still
-    # refuses it. Creating a file is the question the export will ask, so ask it first.
-    probe = os.path.join(out_dir, f".probe-{os.getpid()}")
+# ---- files: a staging folder, renamed into place ------------------------------------------------------------
+# An export is several files that belong together. They are written into a fresh hidden folder inside out_dir and
+# only moved into out_dir (one rename each: instant, on the same file system) once every one of them is complete.
+# So a crash, a full disk or Ctrl-C mid-export leaves the previous export as it was, not a new model.safetensors
+# beside an old config.json; and creating that folder first is the check that out_dir can be written at all
+# (asking os.access() would not do: root passes every permission check, a read-only file system still refuses).
+def make_staging(out_dir):
+    """Create out_dir (and parents) and a hidden staging folder in it, or one clear error naming out_dir."""
+    import tempfile
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        return tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     except OSError as e:
         raise ValueError(f"cannot write the export to {out_dir}: {e.strerror or e} "
                          f"(choose another --out_dir)") from None
 
 
-def write_file(path, write):
-    """write(tmp_path) then rename: a crash or a full disk mid-write never leaves a half file under `path`."""
-    # The rename is atomic on one file system: a reader sees the old file or the new one, never a mixture. The pid
-    # in the temporary name keeps two exports into one folder from writing into each other's temporary file.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C too: remove the partial temporary, keep the previous file, re-raise
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (what a failed export removes again), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
 
 
 def write_json(path, obj, indent=1):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-    write_file(path, write)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 
 def write_safetensors(path, tensors):
     """safetensors creates its file readable by its owner only (0600); give it the mode open() would (the umask's)."""
     from safetensors.torch import save_file
+    save_file(tensors, path, metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
-
-    def write(tmp):
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~umask)
-    write_file(path, write)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ---- the tokenizer: tiktoken ranks -> a Hugging Face byte-level BPE -------------------------------------------
@@ -273,7 +263,7 @@ def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
     The ids: bos is end-of-text (every nanoforge document and rendering begins with it), eos the format's end token
     (<|im_end|> for chatml, end-of-text otherwise), pad the format's pad token where the padding has its row.
     generation_config.json lists every id the format stops at, so model.generate stops where chat.py stops."""
-    # every check first: a refused export writes nothing, not even its folder
+    # the checks come first: a refusal (the staging folder is removed) costs no time spent writing
     config = model.config
     hf.check_exportable(config)
     spec = run_config.get("tokenizer", "gpt2")
@@ -291,8 +281,6 @@ def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
     ids = {"bos": enc.eot_token, "eos": fmt.ids["end"], "pad": pad}
     extra = {"vocab_size": config.vocab_size, "vocab_pad_multiple": config.vocab_pad_multiple,
              "tokenizer": enc.name, "chat_format": fmt.name}
-    check_out_dir(out_dir)
-    # the weights, then the files that describe them; each one lands whole or not at all (write_file)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), hf.to_hf_state_dict(model, getattr(torch, dtype)))
     write_json(os.path.join(out_dir, "config.json"), {**hf.hf_config(config, ids, extra), "torch_dtype": dtype})
     write_json(os.path.join(out_dir, "generation_config.json"),
@@ -310,7 +298,6 @@ def export_hf(model, run_config, out_dir, dtype="float32", chat_format=None):
 
 def export_native(model, run_config, out_dir, dtype="float32"):
     """nanoforge's own names and GPTConfig: any preset, read back by load_exported."""
-    check_out_dir(out_dir)
     tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         del tensors["lm_head.weight"]
@@ -345,7 +332,6 @@ def export_onnx(model, run_config, out_dir, dtype="float32"):
     import kernels
     if dtype != "float32":
         raise ValueError(f"--format onnx writes float32 (onnxruntime's CPU kernels), not {dtype}")
-    check_out_dir(out_dir)
     # an example input fixes dtypes and ranks; Dim marks batch and length as free, so the graph is not specialised
     # to (2, 8). The length is bounded by the context: the model refuses longer inputs, and the RoPE tables end there
     wrapper, idx = LogitsOnly(model).eval(), torch.zeros(2, min(8, model.config.block_size), dtype=torch.long)
@@ -358,7 +344,7 @@ def export_onnx(model, run_config, out_dir, dtype="float32"):
     finally:
         kernels.set_backend(",".join(["auto"] + [f"{k}={v}" for k, v in previous.items()]))
     path = os.path.join(out_dir, "model.onnx")
-    write_file(path, lambda tmp: program.save(tmp))
+    program.save(path)  # a model over 2 GB gets its weights in a model.onnx.data beside it (protobuf's limit)
     return path
 
 
@@ -366,13 +352,24 @@ EXPORTERS = {"hf": export_hf, "native": export_native, "onnx": export_onnx}
 
 
 def export(ckpt_path, out_dir, dtype="float32", fmt="hf", chat_format=None):
-    """Checkpoint (a run folder or a .pt file) -> files under out_dir; returns the main path written.
-    Each exporter runs its checks, then check_out_dir, then writes: a refusal leaves no folder behind."""
+    """Checkpoint (a run folder or a .pt file) -> files under out_dir; returns out_dir (hf, native) or model.onnx.
+    Written into a staging folder and moved into place when complete (see make_staging); a refused or failed
+    export removes what it created, and leaves an earlier export in out_dir whole."""
     if fmt not in EXPORTERS:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(EXPORTERS)}")
     model, run_config = load_checkpoint(ckpt_path)
     kwargs = {"chat_format": chat_format} if fmt == "hf" else {}
-    return EXPORTERS[fmt](model, run_config, out_dir, dtype, **kwargs)
+    created = first_missing(out_dir)
+    staging = make_staging(out_dir)
+    try:
+        main_path = EXPORTERS[fmt](model, run_config, staging, dtype, **kwargs)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    except BaseException:
+        shutil.rmtree(created or staging, ignore_errors=True)
+        raise
+    os.rmdir(staging)
+    return os.path.normpath(os.path.join(out_dir, os.path.relpath(main_path, staging)))
 
 
 def main(argv=None):
