@@ -125,6 +125,19 @@ def test_transformers_to_nanoforge(tmp_path, tied):
     assert_same_model(ours, theirs, 320)
 
 
+def test_sharded_bfloat16_checkpoint_loads(tmp_path):
+    """Hub checkpoints are often bf16 and, past a size, split into shards listed by model.safetensors.index.json."""
+    theirs = random_llama(tmp_path / "fp32").to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path / "bf16", max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "bf16" / "model.safetensors.index.json")
+    ours, _ = hf.load_hf_model(str(tmp_path / "bf16"))
+    assert ours.wte.weight.dtype == torch.float32  # widened on load
+    # the reference: transformers reading the same files into fp32 (theirs.float() would keep the RoPE frequencies
+    # that .to(bfloat16) rounded: they are a buffer of the module, not a weight in the file)
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    assert_same_model(ours, reference, 320)
+
+
 def edit_config(folder, **changes):
     path = os.path.join(folder, "config.json")
     cfg = json.load(open(path))
