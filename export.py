@@ -253,7 +253,20 @@ def chat_template(fmt):
         if role in fmt.ids:
             tags[role if role == "im_start" else role + "_tag"] = fmt.specials[fmt.ids[role]]
     sets = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in tags.items())
-    return sets + "{%- set ns = namespace(ctx=none, nl='') -%}" + TEMPLATES[fmt.name].strip()
+    return sets + CHECKS + "{%- set ns = namespace(ctx=none, nl='') -%}" + TEMPLATES[fmt.name].strip()
+
+
+# The two mistakes a template would otherwise render silently, refused as render refuses them
+# (raise_exception is the function transformers gives every chat template)
+CHECKS = r"""
+{%- for m in messages -%}
+  {%- if m['role'] not in ['system', 'context', 'user', 'assistant'] -%}
+    {{- raise_exception("message " ~ loop.index0 ~ ": role '" ~ m['role'] ~ "'"
+                        ~ ", expected system, context, user or assistant") -}}
+  {%- elif m['role'] == 'system' and not loop.first -%}
+    {{- raise_exception("message " ~ loop.index0 ~ ": a system message may only come first") -}}
+  {%- endif -%}
+{%- endfor -%}""".strip()
 
 
 # ---- the three formats ---------------------------------------------------------------------------------------

@@ -170,6 +170,18 @@ def test_chat_template_equals_render(exported, name):
         assert chat_ids(tok, fmt, whole) == render(whole, name, enc)[0], (name, whole)
 
 
+def test_chat_template_refuses_what_render_refuses(exported):
+    enc, tok = exported
+    for name in FORMATS:
+        for bad, message in [([{"role": "tool", "content": "x"}], "message 0: role 'tool'"),
+                             ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}],
+                              "message 1: a system message may only come first")]:
+            with pytest.raises(Exception, match=message):
+                chat_ids(tok, ChatFormat(name, enc), bad, add_generation_prompt=True)
+            with pytest.raises(ValueError, match=message.split(": ")[0]):
+                render(bad, name, enc, open_assistant=True)
+
+
 def test_the_folders_own_template_is_the_checkpoints_format(exported):
     enc, tok = exported
     messages = CONVERSATIONS[3]
