@@ -193,3 +193,15 @@ def generate(model, prompt_ids, gen, allowed=None, generator=None):
     if gen.num_beams > 1:
         return beam_search(model, prompt_ids, gen, allowed)[0]
     return list(stream(model, prompt_ids, gen, allowed, generator))
+
+
+def sample_text(model, tokenizer, prompt, max_new_tokens=48, temperature=0.8, top_k=50, seed=0):
+    """A short seeded continuation of `prompt` as text: what train.py prints at the end with sample_prompt."""
+    from chat_format import get_encoding
+    enc = get_encoding(tokenizer)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    device = model.wte.weight.device
+    was_training = model.training
+    ids = generate(model.eval(), enc.encode_ordinary(prompt), gen, generator=torch.Generator(device).manual_seed(seed))
+    model.train(was_training)
+    return prompt + enc.decode([i for i in ids if i < enc.n_vocab])
