@@ -184,9 +184,6 @@ def check_data(run, meta):
             raise ValueError(f"{path}: header says vocabulary {head['vocab_size']} / end-of-text {head['eot']}, "
                              f"meta.json says {meta['vocab_size']} / {meta['eot']}: shards from different runs")
         run.train_windows += (head["n_tokens"] - 1) // run.block_size if "train_" in os.path.basename(path) else 0
-    if meta["vocab_size"] > _model_config(run).padded_vocab_size:
-        raise ValueError(f"{run.data_dir} uses ids up to {meta['vocab_size'] - 1}, beyond the model's "
-                         f"{_model_config(run).padded_vocab_size} vocabulary rows")
     if meta.get("kind") == "sft":
         from chat_format import ChatFormat, get_encoding
         if getattr(run, "chat_format", "") and run.chat_format != meta["format"]:
@@ -199,6 +196,10 @@ def check_data(run, meta):
         if meta.get("layout") == "pad" and meta["block_size"] != run.block_size:
             raise ValueError(f"{run.data_dir} pads conversations to {meta['block_size']} tokens but the model's "
                              f"context is {run.block_size}: prepare again with --block_size {run.block_size}")
+
+    if meta["vocab_size"] > _model_config(run).padded_vocab_size:
+        raise ValueError(f"{run.data_dir} uses ids up to {meta['vocab_size'] - 1}, beyond the model's "
+                         f"{_model_config(run).padded_vocab_size} vocabulary rows")
 
 
 def check_checkpoint(run, ckpt, given):
