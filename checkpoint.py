@@ -208,7 +208,12 @@ def plot_losses(out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(path)]
+    rows = []
+    for line in open(path):
+        try:  # a damaged line is reported by open_metrics; the plot just skips it
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("loss", "-"), ("val_loss", "o-")):
         points = [(r["step"], r[key]) for r in rows if key in r]
