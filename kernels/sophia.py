@@ -383,6 +383,9 @@ class SophiaG(torch.optim.Optimizer):
         """One update, then, with an estimator, the curvature refresh when due (every hess_interval steps).
         bs: the number of tokens the estimator's loss averaged over (the docstring's B). By hand, as in the
         official code, pass it here; with an estimator, leave it None: the count the last refresh returned is used."""
+        if bs is None and self.estimator is None:
+            raise TypeError("SophiaG.step() needs bs= (the tokens the curvature estimate averaged over) when it has "
+                            "no estimator to count them")
         bs = self.param_groups[0]["bs"] if bs is None else bs
         if isinstance(bs, bool) or not isinstance(bs, (int, float)) or not (bs > 0 and math.isfinite(bs)):
             raise ValueError(f"SophiaG.step: bs must be the positive number of tokens in the step, got {bs!r}")
