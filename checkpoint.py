@@ -94,6 +94,21 @@ def load_model(path, device="cpu"):
 
 
 # ---- writing one ---------------------------------------------------------------------------------------------
+def save_run(out_dir, model, optimizer, step, best_val, config, next_sample, device, best):
+    """ckpt.pt: everything a resumed run needs to continue the same loss sequence (weights, optimizer state
+    including Sophia's Hessian, step, the next data sample, RNG states, the resolved config); and when `best`,
+    best.pt: the weights alone (what to fine-tune or chat with). Returns ckpt.pt's path."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+               "best_val_loss": best_val, "config": config, "data": {"next_sample": next_sample},
+               "rng": {"cpu": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    path = os.path.join(out_dir, "ckpt.pt")
+    save(path, payload)
+    if best:
+        save(os.path.join(out_dir, "best.pt"), {k: payload[k] for k in ("model", "config", "step", "best_val_loss")})
+    return path
+
+
 def save(path, payload):
     """torch.save to `<path>.<pid>.tmp`, then an atomic rename over `path`. The temporary's name is unique to the
     process, so two writers never tear each other's file; on any failure it is removed and the old file stays."""
@@ -166,6 +181,19 @@ def pick_dtype(name, device, allowed=tuple(DTYPES), key="dtype"):
     if name not in allowed:
         raise ValueError(f"{key}='{name}': expected auto, {', '.join(allowed)}")
     return DTYPES[name]
+
+
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets: MFU divides by these.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak in FLOP/s, 0.0 where unknown (the CPU, an unlisted GPU: MFU is then nan)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
 
 
 def autocast(device, dtype):

@@ -143,9 +143,43 @@ def resolve(cfg, defaults, model_keys, choices, at_least):
             os.path.exists(os.path.join(run.out_dir, f)) for f in ("ckpt.pt", "best.pt", "metrics.jsonl")):
         raise ConfigError(f"{run.out_dir} already holds a run: continue it with --init_from=resume, or choose "
                           f"another --out_dir (or pass --overwrite=True to replace it)")
-    run.config.update(run.model, tokenizer=run.tokenizer,
+    resolve_batch(run)
+    run.config.update(run.model, tokenizer=run.tokenizer, max_iters=run.max_iters, warmup_iters=run.warmup_iters,
                       **({"chat_format": run.chat_format} if hasattr(run, "chat_format") else {}))
     return run
+
+
+def resolve_batch(run):
+    """The batch arithmetic, the run's length and where its data stands (train.py's loop reads these)."""
+    if run.compile_mode == "reduce-overhead" and run.ddp:  # CUDA graphs cannot hold DDP's all-reduce hooks
+        raise ConfigError("compile_mode='reduce-overhead' (CUDA graphs) does not work under DDP here: use "
+                          "'default' or 'max-autotune-no-cudagraphs' with torchrun")
+    import torch
+    graphs = run.compile and run.compile_mode == "reduce-overhead" and run.device.type == "cuda"
+    run.new_graph_step = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
+    # tokens per optimizer step = batch_size * block_size * world * grad_accum
+    run.rows_per_micro = run.batch_size * run.world
+    per_micro = run.rows_per_micro * run.block_size
+    run.grad_accum = run.gradient_accumulation_steps or max(1, run.total_batch_tokens // per_micro)
+    if not run.gradient_accumulation_steps and run.grad_accum * per_micro != run.total_batch_tokens:
+        raise ConfigError(f"total_batch_tokens={run.total_batch_tokens} is not a multiple of batch_size * "
+                          f"block_size * world_size = {per_micro}; adjust one of them")
+    run.tokens_per_step = run.grad_accum * per_micro
+    if run.epochs > 0:
+        run.max_iters = max(1, int(run.epochs * run.train_windows * run.block_size / run.tokens_per_step))
+    if run.max_iters < 1:
+        raise ConfigError(f"max_iters={run.max_iters}: must be >= 1 (or set epochs > 0)")
+    if run.warmup_frac > 0:
+        run.warmup_iters = int(run.warmup_frac * run.max_iters)
+    # Where the data stands: step s reads samples data_offset + s * samples_per_step + ... A resumed run
+    # continues at the saved sample, also under another batch size (no window is trained twice or skipped).
+    run.start_step, run.data_offset, run.resumed = 0, 0, run.init_from == "resume"
+    if run.resumed:
+        if "optimizer" not in run.ckpt:
+            raise ConfigError(f"{run.ckpt_path} holds weights only (a best.pt?): start a run from it with "
+                              f"--init_from={run.ckpt_path} instead of resuming")
+        run.start_step = run.ckpt["step"]
+        run.data_offset = run.ckpt["data"]["next_sample"] - run.start_step * run.grad_accum * run.rows_per_micro
 
 
 def _model_config(run):

@@ -5,10 +5,11 @@ train.py — pretraining, top to bottom: one CPU, one GPU, or N GPUs under torch
     python train.py config/gpt2_124m.py                             # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --batch_size=32
 
-Read it in three parts. (1) The hyperparameters, below. (2) resolve(): defaults, then the preset, then
---key=value flags, then the data folder's meta.json (tokenizer, vocabulary), then the init/resume checkpoint's
-architecture, checked against each other once, before anything is allocated: a mistake is one line naming the
-key. (3) The loop, one optimizer step per turn, in execution order:
+Read it in three parts. (1) The hyperparameters, below, as globals (nanoGPT style). (2) The run, resolved once
+by configurator.resolve: defaults, then the preset, then --key=value flags, then the data folder's meta.json
+(tokenizer, vocabulary), then the init/resume checkpoint's architecture, checked against each other before
+anything is allocated; a mistake is one line naming the key. The rest reads `run.<key>`. (3) The loop, one
+optimizer step per turn, in execution order:
 
     evaluate + checkpoint   (at the top, every eval_interval steps and on the last step, nanochat-style)
     for each of `grad_accum` micro-batches:  forward (bf16 autocast) -> loss / grad_accum -> backward
@@ -28,7 +29,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,9 +36,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-import kernels
+import configurator
 from configurator import configure, script_defaults
-from configurator import resolve as resolve_settings
 from model import GPT, GPTConfig
 from shards import list_shards, open_shard
 
@@ -103,7 +102,7 @@ dtype = "auto"                      # 'auto' (bf16 autocast on a GPU that has it
 compile = True                      # torch.compile the model (ignored on CPU: compile time would dominate)
 compile_mode = "default"            # 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune-no-cudagraphs'
 kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # kernels/: 'auto' | 'triton' | 'torch' (+ ',name=choice')
-peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = look the GPU up in GPU_PEAK_FLOPS
+peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = checkpoint.GPU_PEAK_FLOPS's entry
 DEFAULTS = script_defaults(globals())
 MODEL_KEYS = list(GPTConfig.__dataclass_fields__)
 # Checked at start, so a bad value fails now and not on the step that first uses it.
@@ -112,9 +111,13 @@ CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
             "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0}
-# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets. MFU divides by these.
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
-                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+
+
+def resolve(cfg):
+    """configure()'s dict -> the run, checked against this script's defaults and rules (configurator.resolve)."""
+    return configurator.resolve(cfg, DEFAULTS, MODEL_KEYS, CHOICES, AT_LEAST)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,42 +167,6 @@ class TokenWindows:
         if device.type == "cuda":  # pinned memory lets the copy overlap with compute
             out = [t.pin_memory().to(device, non_blocking=True) for t in out]
         return tuple(t.to(device) for t in out) + ((None,) if not doc_starts else ())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The run, resolved once. Every later line reads `run.<key>`; nothing is looked up or patched after this.
-def resolve(cfg):
-    """configure()'s dict -> the run (configurator.resolve: values, data, checkpoint), plus the batch arithmetic
-    and the data position. Nothing is allocated yet, so every mistake costs a second, not a failed run."""
-    run = resolve_settings(cfg, DEFAULTS, MODEL_KEYS, CHOICES, AT_LEAST)
-    if run.compile_mode == "reduce-overhead" and run.ddp:  # CUDA graphs cannot hold DDP's all-reduce hooks
-        raise ValueError("compile_mode='reduce-overhead' (CUDA graphs) does not work under DDP here: use "
-                         "'default' or 'max-autotune-no-cudagraphs' with torchrun")
-    # tokens per optimizer step = batch_size * block_size * world * grad_accum
-    run.rows_per_micro = run.batch_size * run.world
-    per_micro = run.rows_per_micro * run.block_size
-    run.grad_accum = run.gradient_accumulation_steps or max(1, run.total_batch_tokens // per_micro)
-    if not run.gradient_accumulation_steps and run.grad_accum * per_micro != run.total_batch_tokens:
-        raise ValueError(f"total_batch_tokens={run.total_batch_tokens} is not a multiple of batch_size * "
-                         f"block_size * world_size = {per_micro}; adjust one of them")
-    run.tokens_per_step = run.grad_accum * per_micro
-    if run.epochs > 0:
-        run.max_iters = max(1, int(run.epochs * run.train_windows * run.block_size / run.tokens_per_step))
-    if run.max_iters < 1:
-        raise ValueError(f"max_iters={run.max_iters}: must be >= 1 (or set epochs > 0)")
-    if run.warmup_frac > 0:
-        run.warmup_iters = int(run.warmup_frac * run.max_iters)
-    # Where the data stands: step s reads samples data_offset + s * samples_per_step + ... A resumed run
-    # continues at the saved sample, also under another batch size (no window is trained twice or skipped).
-    run.start_step, run.data_offset, run.resumed = 0, 0, run.init_from == "resume"
-    if run.resumed:
-        if "optimizer" not in run.ckpt:
-            raise ValueError(f"{run.ckpt_path} holds weights only (a best.pt?): start a run from it with "
-                             f"--init_from={run.ckpt_path} instead of resuming")
-        run.start_step = run.ckpt["step"]
-        run.data_offset = run.ckpt["data"]["next_sample"] - run.start_step * run.grad_accum * run.rows_per_micro
-    run.config.update(max_iters=run.max_iters, warmup_iters=run.warmup_iters)
-    return run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +247,7 @@ def evaluate(model, data, run):
         x, y, starts = data.batch(first, min(run.batch_size, n_windows - first), run.device, run.doc_mask)
         with run.autocast:
             _, loss = model(x, y, doc_starts=starts)
-        n = (y != -1).sum()
+        n = (y != -1).sum()  # SFT: only trained targets count
         total += torch.stack([loss.float() * n, n.float()])
     if run.ddp:
         dist.all_reduce(total)
@@ -289,53 +256,37 @@ def evaluate(model, data, run):
 
 
 def bytes_per_token(data, run):
-    """Bits per byte = nats/token / ln 2 / (bytes per token of exactly the validation targets): it compares
+    """For bits per byte = nats/token / ln 2 / (bytes per token of exactly the validation targets), which compares
     models with different tokenizers fairly. None where the tokenizer cannot be loaded (offline)."""
     try:
         from chat_format import get_encoding
         enc = get_encoding(run.tokenizer)
-        ids = [int(t) for t in data.batch(0, run.eval_iters * run.batch_size, torch.device("cpu"))[1].flatten()
-               if 0 <= t < enc.n_vocab]
+        ys = data.batch(0, run.eval_iters * run.batch_size, torch.device("cpu"))[1].flatten().tolist()
+        ids = [t for t in ys if 0 <= t < enc.n_vocab]
         return sum(len(enc.decode_single_token_bytes(t)) for t in ids) / max(1, len(ids))
     except Exception as e:
         print(f"(bits per byte unavailable: {e})")
         return None
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM stopped the run after it saved: the command line exits 128 + signal (130, 143)."""
-    def __init__(self, signum):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
+def check_finite(run, step, first_bad, raw_model=None):
+    """The NaN guard, acted on where the host looks anyway (log points) and before every save: first_bad is the
+    first step whose loss or gradient norm was not finite (-1: none), kept on the device; with raw_model, the
+    weights are checked too (a finite gradient can still overflow them). Nothing non-finite is ever saved, so
+    the checkpoint named here is a good one."""
+    bad = int(first_bad)
+    if bad >= 0 or (raw_model is not None and not all(p.isfinite().all() for p in raw_model.parameters())):
+        what = f"loss or gradient norm at step {bad + 1}" if bad >= 0 else f"weights at step {step}"
+        where = f"the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]}, finite)" \
+            if run.last_good else "there is no checkpoint of this run yet"
+        raise FloatingPointError(f"non-finite {what}: stopping without saving; {where}. Lower learning_rate, "
+                                 f"raise warmup_iters, or check the data.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def save(run, raw_model, optimizer, step, val):
-    """ckpt.pt (everything to continue) and, on a new best, best.pt (weights only). Never non-finite weights."""
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-        stop_non_finite(run, step, "the weights are not finite")
-    run.best_val = min(run.best_val, val)
-    payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-               "best_val_loss": run.best_val, "config": run.config,
-               "data": {"next_sample": run.data_offset + step * run.grad_accum * run.rows_per_micro, "seed": run.seed},
-               "rng": {"cpu": torch.get_rng_state(),
-                       "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}}
-    checkpoint.save(os.path.join(run.out_dir, "ckpt.pt"), payload)
-    run.last_good = (os.path.join(run.out_dir, "ckpt.pt"), step)
-    if val <= run.best_val:
-        checkpoint.save(os.path.join(run.out_dir, "best.pt"), {k: payload[k] for k in
-                                                               ("model", "config", "step", "best_val_loss")})
-
-
-def stop_non_finite(run, step, what):
-    where = (f"the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]}, finite)" if run.last_good
-             else "there is no checkpoint of this run yet")
-    raise FloatingPointError(f"{what} at step {step}: stopping without saving; {where}. Lower learning_rate, "
-                             f"raise warmup_iters, or check the data.")
-
-
 def train(cfg):
-    """Resolve, allocate (model, optimizer, data), then the loop. Returns the trained (uncompiled) model."""
+    """Resolve, allocate (model, optimizer, data), then the loop. Returns the trained (uncompiled) model; after
+    SIGINT / SIGTERM, once saved, exits the process with 128 + signal (130 / 143) so a scheduler sees it."""
     run = resolve(cfg)
     if run.ddp:  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK; NCCL between GPUs, gloo between CPU processes
         dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
@@ -354,24 +305,24 @@ def train(cfg):
             model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
         if run.ddp:
             model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-        padded = raw_model.config.padded_vocab_size
-        train_data = TokenWindows(run.data_dir, "train", run.block_size, padded, run.seed, shuffle=True)
-        val_data = TokenWindows(run.data_dir, "val", run.block_size, padded, run.seed, shuffle=False)
+        rows = raw_model.config.padded_vocab_size
+        train_data = TokenWindows(run.data_dir, "train", run.block_size, rows, run.seed, shuffle=True)
+        val_data = TokenWindows(run.data_dir, "val", run.block_size, rows, run.seed, shuffle=False)
         optimizer = make_optimizer(raw_model, run, hessian_estimator(model, raw_model, train_data, run))
         run.best_val, run.last_good, run.metrics, run.bytes_per_token = float("inf"), None, None, None
         if run.resumed:
             checkpoint.restore_training_state(run.ckpt, optimizer, run.device)
             run.best_val, run.last_good = run.ckpt["best_val_loss"], (run.ckpt_path, run.start_step)
         if run.master:
-            print(f"{'resumed' if run.resumed else 'initialised'} from {run.ckpt_path} (step {run.ckpt['step']})"
-                  if run.ckpt else "from scratch")
+            print(f"{'resumed' if run.resumed else 'initialised'} from {run.ckpt_path} (step {run.ckpt['step']}); "
+                  if run.ckpt else "", end="")
             print(f"{run.world} process(es) on {run.device}, micro-batch {run.batch_size} x {run.block_size}, "
                   f"grad_accum {run.grad_accum}: {run.tokens_per_step:,} tokens/step, {run.max_iters} steps; "
                   f"{raw_model.num_params():,} parameters, {raw_model.flops_per_token() / 1e9:.3f} GFLOP/token")
             run.metrics = checkpoint.open_metrics(run.out_dir, run.start_step if run.resumed else None, run.config)
             run.bytes_per_token = bytes_per_token(val_data, run)
         run.ckpt = None  # the weights live in the model now
-        loop(run, model, raw_model, optimizer, train_data, val_data)
+        stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
     finally:
         if run.master:
             checkpoint.plot_losses(run.out_dir)
@@ -379,48 +330,37 @@ def train(cfg):
             dist.destroy_process_group()
         if lock is not None:
             lock.close()
+    if stopped_by:
+        sys.exit(128 + stopped_by)
     if run.sample_prompt and run.master:  # the run ends by showing what it learned
         from generation import sample_text
         print("sample:", sample_text(raw_model, run.tokenizer, run.sample_prompt, seed=run.seed))
-    if run.stopped_by:
-        raise Interrupted(run.stopped_by)
     return raw_model
 
 
-def read_device(run, step, bad_step, loss_sum):
-    """The one sync of a log point: the loss (averaged over ranks) and whether any step since the last look had
-    a non-finite loss or gradient norm (then nothing more is saved, see stop_non_finite)."""
-    if run.ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    bad, loss = bad_step.item(), loss_sum.item() / run.grad_accum
-    if bad >= 0:
-        stop_non_finite(run, bad + 1, "the loss or the gradient norm is not finite")
-    return loss
-
-
 def loop(run, model, raw_model, optimizer, train_data, val_data):
-    """The flat loop of the module docstring. Ctrl-C / SIGTERM finish the step in flight, evaluate and save."""
-    step, stopping, received, run.stopped_by = run.start_step, False, [], None
+    """The flat loop of the module docstring. Returns the signal that stopped it (after saving), or None."""
+    step, stopping, received = run.start_step, False, []
     handlers = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    bad_step = torch.full((), -1, dtype=torch.long, device=run.device)  # first step with a non-finite loss/grad
-    peak = run.peak_flops or (next((v for k, v in GPU_PEAK_FLOPS.items() if k in torch.cuda.get_device_name(
-        run.device)), 0.0) if run.device.type == "cuda" else 0.0) * run.world
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # see check_finite
+    peak = (run.peak_flops or checkpoint.peak_flops(run.device)) * run.world
     t0, timed = time.time(), 0
     try:
         while True:
             last_step = step == run.max_iters or stopping
             # ---- evaluate + checkpoint (a resumed run's first step was evaluated before it was saved) ----
             if (step % run.eval_interval == 0 or last_step) and not (step == run.start_step and run.resumed):
-                read_device(run, step, bad_step, torch.zeros((), device=run.device))
+                check_finite(run, step, first_bad)
                 val = evaluate(model.module if run.ddp else model, val_data, run)  # no DDP hooks in evaluation
                 bpb = val / math.log(2) / run.bytes_per_token if run.bytes_per_token else float("nan")
-                if run.master:
-                    print(f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}")
-                    with open(run.metrics, "a") as f:
-                        f.write(json.dumps({"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step *
-                                            run.tokens_per_step, "time": time.time()}) + "\n")
-                    if run.save_checkpoints and step > run.start_step:
-                        save(run, raw_model, optimizer, step, val)
+                log(run, f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}",
+                    {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step * run.tokens_per_step})
+                if run.master and run.save_checkpoints and step > run.start_step:
+                    check_finite(run, step, first_bad, raw_model)
+                    run.best_val = min(run.best_val, val)
+                    next_sample = run.data_offset + step * run.grad_accum * run.rows_per_micro
+                    run.last_good = (checkpoint.save_run(run.out_dir, raw_model, optimizer, step, run.best_val,
+                                                         run.config, next_sample, run.device, val <= run.best_val), step)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
@@ -430,6 +370,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 group["lr"] = group["base_lr"] * factor
             loss_sum = torch.zeros((), device=run.device)
             for micro in range(run.grad_accum):
+                run.new_graph_step()  # reduce-overhead: the next CUDA-graph replay may reuse the last outputs
                 first = run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
                 x, y, starts = train_data.batch(first + run.rank * run.batch_size, run.batch_size, run.device,
                                                 run.doc_mask)
@@ -440,59 +381,63 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                     (loss / run.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
-            finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
-            bad_step = torch.where(finite | (bad_step >= 0), bad_step, step)
+            ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
+            first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
             optimizer.step()  # Sophia refreshes its Hessian inside, when due (kernels/sophia.py)
             optimizer.zero_grad(set_to_none=True)
             step, timed = step + 1, timed + 1
-            if step % run.log_interval == 0 or step == 1 or step == run.max_iters:
-                loss_f = read_device(run, step, bad_step, loss_sum)
-                dt = (time.time() - t0) / timed
-                log_step(run, step, optimizer, loss_f, grad_norm.item(), factor, dt, peak, raw_model)
-                t0, timed = time.time(), 0
+            if step % run.log_interval == 0 or step == 1 or step == run.max_iters:  # the host looks, and syncs
+                if run.ddp:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                check_finite(run, step, first_bad)
+                dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
+                log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
+                         peak, raw_model)
                 if run.ddp:  # every rank must agree to stop, or the others hang in the next all-reduce
                     flag = torch.tensor(float(bool(received)), device=run.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     stopping = flag.item() > 0
-            stopping = stopping or (bool(received) and not run.ddp)
+            stopping = stopping or (bool(received) and not run.ddp)  # one process: stop at once
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     if stopping:
-        run.stopped_by = received[0] if received else signal.SIGTERM
-        saved = run.save_checkpoints and run.master
-        print(f"stopped by signal {run.stopped_by} at step {step}; " + (
-            f"checkpoint written to {run.out_dir}/ckpt.pt; continue with --init_from=resume" if saved
-            else "no checkpoint (save_checkpoints=False)")) if run.master else None
+        signum = received[0] if received else signal.SIGTERM  # under DDP another rank may have got it
+        log(run, f"stopped by signal {signum} at step {step}; " + (f"checkpoint written to {run.out_dir}/ckpt.pt; "
+            f"continue with --init_from=resume" if run.save_checkpoints else "no checkpoint (save_checkpoints=False)"))
+        return int(signum)
+    return None
+
+
+def log(run, text, row=None):
+    """Rank 0 prints, and appends `row` (+ the time) to metrics.jsonl."""
+    if run.master:
+        print(text)
+        if row is not None:
+            with open(run.metrics, "a") as f:
+                f.write(json.dumps({**row, "time": time.time()}) + "\n")
 
 
 def log_step(run, step, optimizer, loss, grad_norm, factor, dt, peak, raw_model):
-    """One log line and one metrics.jsonl row. dt: seconds per step over the steps since the last log point."""
-    if not run.master:
-        return
+    """One training log line. dt: seconds per step over the steps since the last log point. MFU = achieved
+    FLOP/s (6N + attention per token, model.flops_per_token) / the GPUs' dense bf16 peak."""
     tok_s = run.tokens_per_step / dt
     mfu = raw_model.flops_per_token() * tok_s / peak if peak else float("nan")
     mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else 0.0
-    extra = getattr(optimizer, "log_stats", dict)()  # optimizer-reported numbers (Sophia: its win rate)
-    text = "".join(f" | {k.replace('_', ' ')} {v:.3f}" for k, v in extra.items())
-    if run.device.type == "cuda":
-        text = f" | MFU {mfu * 100:5.1f}% | mem {mem:.1f} GiB" + text
+    extra = getattr(optimizer, "log_stats", dict)() if run.master else {}  # e.g. Sophia's win rate (syncs)
+    gpu = f" | MFU {mfu * 100:5.1f}% | mem {mem:.1f} GiB" if run.device.type == "cuda" else ""
     lr = run.learning_rate * factor
-    print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:7.1f} ms | "
-          f"{tok_s:,.0f} tok/s{text}")
-    with open(run.metrics, "a") as f:
-        f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000,
-                            "tok_s": tok_s, "mfu": mfu, "mem_gib": mem, "tokens": step * run.tokens_per_step,
-                            "time": time.time(), **extra}) + "\n")
+    log(run, f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:7.1f} ms | "
+        f"{tok_s:,.0f} tok/s{gpu}" + "".join(f" | {k.replace('_', ' ')} {v:.3f}" for k, v in extra.items()),
+        {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000, "tok_s": tok_s, "mfu": mfu,
+         "mem_gib": mem, "tokens": step * run.tokens_per_step, **extra})
 
 
 def main(defaults, argv, prepare=None):
-    """The command line of train.py and sft.py: a named error is one line (exit 1), a signal exits 128 + signal."""
+    """The command line of train.py and sft.py: a named error is one line and exit 1, never a traceback."""
     try:
         cfg = configure(defaults, argv)
         train(prepare(cfg) if prepare else cfg)
-    except Interrupted as e:
-        sys.exit(128 + e.signum)
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         sys.exit(f"error: {e}")
 

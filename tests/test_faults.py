@@ -229,6 +229,22 @@ def test_bad_values_are_named_at_start(sample_data_dir, tmp_path, flag, named):
     assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+def test_cuda_graphs_under_ddp_are_refused_at_start(sample_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")                                    # as torchrun sets it; no group yet
+    with pytest.raises(ValueError, match="compile_mode='reduce-overhead' .*does not work under DDP"):
+        train.resolve(cfg_for(sample_data_dir, tmp_path, "--compile_mode=reduce-overhead"))
+
+
+def test_fresh_clone_prepares_the_embedded_sample_first(sample_data_dir, tmp_path, monkeypatch, capsys):
+    """data_dir missing and prepare_fineweb.ensure_sample present (the data chapter's embedded sample): train.py
+    calls it with a notice, then resolves as usual."""
+    import prepare_fineweb
+    monkeypatch.setattr(prepare_fineweb, "ensure_sample", lambda d: shutil.copytree(sample_data_dir, d),
+                        raising=False)
+    run = train.resolve(cfg_for(tmp_path / "data", tmp_path / "out"))
+    assert "preparing the embedded sample there first" in capsys.readouterr().out and run.tokenizer == "gpt2"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_cuda_without_a_gpu_is_an_error(sample_data_dir, tmp_path):
     with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU is available"):

@@ -27,8 +27,10 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-def test_validation_loss_falls_and_artifacts_exist(sample_data_dir, tmp_path):
-    train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=60", "--eval_interval=30"))
+def test_validation_loss_falls_and_artifacts_exist(sample_data_dir, tmp_path, capsys):
+    train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=60", "--eval_interval=30",
+                        "--sample_prompt=The cell"))
+    assert "sample: The cell" in capsys.readouterr().out       # the run ends with a generation from the prompt
     _, val = losses(tmp_path)
     assert val[0] > 10.0                       # untrained: about ln(50257) = 10.8
     assert val[-1] < val[0] - 2.0, val         # clearly learned something (unigram statistics at least)
@@ -97,8 +99,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(sampl
         logits, loss = real_forward(self, idx, targets, **kw)
         return logits, (loss * float("nan") if loss is not None and self.training else loss)
     monkeypatch.setattr(train.GPT, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="the loss or the gradient norm is not finite at step 5: stopping "
-                                                 "without saving; the last good checkpoint is .*ckpt.pt \\(step 4"):
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm at step 5: stopping without "
+                                                 "saving; the last good checkpoint is .*ckpt.pt \\(step 4"):
         train.train(run_cfg(sample_data_dir, tmp_path, "--max_iters=8", "--init_from=resume", "--lr_decay_iters=8"))
     after = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert after["step"] == good["step"] == 4
@@ -236,3 +238,26 @@ def test_hessian_refresh_uses_one_micro_batch_and_counts_its_tokens(sample_data_
     for p in model.parameters():
         want = (1 - cfg["beta2"]) * p.grad.float() ** 2
         torch.testing.assert_close(opt.state[p]["hessian"].view_as(p), want, rtol=1e-5, atol=1e-12)
+
+
+def test_muon_branch_builds_kernels_muon_and_keeps_each_groups_base_lr(sample_data_dir, tmp_path, monkeypatch):
+    """optimizer='muon' constructs kernels/muon.py's Muon (imported lazily, with the agreed signature) and the
+    schedule multiplies each group's own base lr; without the module, a clear error."""
+    import types
+    seen = {}
+
+    class FakeMuon(torch.optim.SGD):
+        def __init__(self, model, lr, adamw_lr, momentum, betas, weight_decay):
+            seen.update(lr=lr, adamw_lr=adamw_lr, momentum=momentum, betas=betas, weight_decay=weight_decay)
+            mats = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("wte")]
+            rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith("wte"))]
+            super().__init__([{"params": mats, "lr": lr}, {"params": rest, "lr": adamw_lr}], lr=lr)
+    run = train.resolve(run_cfg(sample_data_dir, tmp_path, "--optimizer=muon", "--muon_lr=0.05"))
+    model = GPT(GPTConfig(**run.model))
+    monkeypatch.setitem(sys.modules, "kernels.muon", None)
+    with pytest.raises(ValueError, match="needs kernels/muon.py"):
+        train.make_optimizer(model, run)
+    monkeypatch.setitem(sys.modules, "kernels.muon", types.SimpleNamespace(Muon=FakeMuon))
+    opt = train.make_optimizer(model, run)
+    assert seen == dict(lr=0.05, adamw_lr=3e-3, momentum=0.95, betas=(0.9, 0.95), weight_decay=0.1)
+    assert [g["base_lr"] for g in opt.param_groups] == [0.05, 3e-3]
