@@ -29,6 +29,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -55,21 +56,8 @@ save_checkpoints = True             # False: evaluate without writing ckpt.pt / 
 log_interval = 10                   # steps between log lines; also how often the host reads the device's numbers
 sample_prompt = ""                  # non-empty: the run ends by printing a short continuation of this text
 seed = 1337
-# model (GPTConfig fields; see model.py). With init_from, the checkpoint's architecture is used.
-n_layer = 12
-n_embd = 768
-n_head = 12
-n_kv_head = 12
-head_dim = 0
-ffn_hidden = 2048
-mlp = "swiglu"
-pos = "rope"
-rope_theta = 10000.0
-tie_embeddings = True
-vocab_size = 0                      # 0 = the data's vocabulary (meta.json); a value must agree with it
-vocab_pad_multiple = 64
-block_size = 1024
-norm_eps = 1e-5
+# model: every GPTConfig field (n_layer, n_embd, n_head, ..., block_size; model.py) is a key too, with its default
+# there (one place). vocab_size and the tokenizer come from the data's meta.json; with init_from, the checkpoint's.
 doc_mask = False                    # True: packed documents attend only within themselves (model.py, doc_starts)
 # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world_size
 batch_size = 16                     # micro-batch rows per process
@@ -101,18 +89,16 @@ device = "auto"                     # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
 dtype = "auto"                      # 'auto' (bf16 autocast on a GPU that has it, else fp32) | 'bfloat16' | 'float32'
 compile = True                      # torch.compile the model (ignored on CPU: compile time would dominate)
 compile_mode = "default"            # 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune-no-cudagraphs'
-kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # kernels/: 'auto' | 'triton' | 'torch' (+ ',name=choice')
+kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # 'auto' | 'triton' | 'torch' (+ ',name=choice')
 peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = checkpoint.GPU_PEAK_FLOPS's entry
-DEFAULTS = script_defaults(globals())
-MODEL_KEYS = list(GPTConfig.__dataclass_fields__)
+MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+DEFAULTS = {**{f.name: f.default for f in fields(GPTConfig)}, **script_defaults(globals())}
 # Checked at start, so a bad value fails now and not on the step that first uses it.
 CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("adamw", "sophia", "muon"),
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
             "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0}
-
-
 
 
 def resolve(cfg):
@@ -127,9 +113,9 @@ def resolve(cfg):
 class TokenWindows:
     def __init__(self, data_dir, split, block_size, vocab_size, seed, shuffle):
         self.shards = [open_shard(p, vocab_size) for p in list_shards(data_dir, split)]
-        self.first = np.cumsum([0] + [(info["n_tokens"] - 1) // block_size for _, _, info in self.shards])
+        self.first = np.cumsum([0] + [(info["n_tokens"] - 1) // block_size for _, _, info in self.shards])  # starts
         self.n, self.block_size, self.seed, self.shuffle = int(self.first[-1]), block_size, seed, shuffle
-        self._perm_epoch, self._perm = None, None
+        self._perm_epoch = self._perm = None
 
     def window_index(self, g):
         epoch, i = divmod(g, self.n)
@@ -151,8 +137,8 @@ class TokenWindows:
             s = int(np.searchsorted(self.first, w, side="right") - 1)
             tokens, mask, info = self.shards[s]
             start = (w - int(self.first[s])) * self.block_size
-            chunk = torch.from_numpy(tokens[start:start + self.block_size + 1].astype(np.int64))
-            x, y = chunk[:-1], chunk[1:].clone()
+            chunk = torch.from_numpy(tokens[start:start + self.block_size + 1].astype(np.int64))  # T + 1 tokens
+            x, y = chunk[:-1], chunk[1:].clone()  # y_t = x_{t+1}: predict the next token at every position
             if mask is not None:
                 y[torch.from_numpy(mask[start + 1:start + self.block_size + 1] == 0)] = -1
             xs.append(x)
@@ -166,19 +152,19 @@ class TokenWindows:
         out = [torch.stack(xs), torch.stack(ys)] + ([torch.stack(ds)] if doc_starts else [])
         if device.type == "cuda":  # pinned memory lets the copy overlap with compute
             out = [t.pin_memory().to(device, non_blocking=True) for t in out]
-        return tuple(t.to(device) for t in out) + ((None,) if not doc_starts else ())
+        return tuple(out) + ((None,) if not doc_starts else ())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def lr_factor(step, run):
     """The learning-rate multiplier for optimizer step `step` (0-based): each param group's lr is its own base_lr
     times this, so optimizers whose groups have different lrs (Muon: matrices vs the rest) share one schedule."""
-    lo, warm = run.min_lr / run.learning_rate if run.learning_rate else 0.0, run.warmup_iters
+    lo, warm = run.min_lr / run.learning_rate if run.learning_rate else 0.0, run.warmup_iters  # floor, as a fraction
     if step < warm:
-        return (step + 1) / (warm + 1)
+        return (step + 1) / (warm + 1)  # linear warmup: large early steps on random weights diverge
     if run.lr_schedule == "constant":
         return 1.0
-    decay_end = run.lr_decay_iters or run.max_iters
+    decay_end = run.lr_decay_iters or run.max_iters  # the schedule may end before the run (then it stays at lo)
     if run.lr_schedule == "wsd":
         decay_start = max(warm, int(decay_end * (1 - run.wsd_decay_frac)))
         return 1.0 + (lo - 1.0) * min(1.0, max(0, step - decay_start) / max(1, decay_end - decay_start))
@@ -196,7 +182,7 @@ def make_optimizer(model, run, estimator=None):
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.startswith(("wte.", "wpe.")) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (run.beta1, run.beta2)
+    betas = (run.beta1, run.beta2)  # momentum and second-moment (or Hessian EMA) decay
     if run.optimizer == "sophia":
         from kernels.sophia import SophiaG
         opt = SophiaG(groups, lr=run.learning_rate, betas=betas, rho=run.sophia_rho,
@@ -263,8 +249,8 @@ def bytes_per_token(data, run):
         enc = get_encoding(run.tokenizer)
         ys = data.batch(0, run.eval_iters * run.batch_size, torch.device("cpu"))[1].flatten().tolist()
         ids = [t for t in ys if 0 <= t < enc.n_vocab]
-        return sum(len(enc.decode_single_token_bytes(t)) for t in ids) / max(1, len(ids))
-    except Exception as e:
+        return sum(len(enc.decode_single_token_bytes(t)) for t in ids) / max(1, len(ids))  # UTF-8 bytes
+    except Exception as e:  # offline without the tokenizer's file: nats only, training goes on
         print(f"(bits per byte unavailable: {e})")
         return None
 
@@ -296,11 +282,11 @@ def train(cfg):
     os.makedirs(run.out_dir, exist_ok=True)
     lock = checkpoint.lock_run_folder(run.out_dir) if run.master else None  # one run per folder
     try:
-        torch.manual_seed(run.seed)
+        torch.manual_seed(run.seed)  # the same initial weights on every rank and in every rerun
         raw_model = GPT(GPTConfig(**run.model))  # checkpoints save this one: names without compile/DDP prefixes
         if run.ckpt is not None:
             raw_model.load_state_dict(run.ckpt["model"])
-        model = raw_model.to(run.device)
+        model = raw_model.to(run.device)  # `model` is what runs (maybe compiled, DDP-wrapped); raw_model is saved
         if run.compile and run.device.type == "cuda":
             model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
         if run.ddp:
@@ -321,7 +307,7 @@ def train(cfg):
                   f"{raw_model.num_params():,} parameters, {raw_model.flops_per_token() / 1e9:.3f} GFLOP/token")
             run.metrics = checkpoint.open_metrics(run.out_dir, run.start_step if run.resumed else None, run.config)
             run.bytes_per_token = bytes_per_token(val_data, run)
-        run.ckpt = None  # the weights live in the model now
+        run.ckpt = None  # the weights live in the model now: free the CPU copy
         stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
     finally:
         if run.master:
@@ -344,10 +330,10 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     handlers = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # see check_finite
     peak = (run.peak_flops or checkpoint.peak_flops(run.device)) * run.world
-    t0, timed = time.time(), 0
+    t0, timed = time.time(), 0  # wall-clock since the last log point, and the steps it covers
     try:
         while True:
-            last_step = step == run.max_iters or stopping
+            last_step = step == run.max_iters or stopping  # the end, or a signal: evaluate, save, leave
             # ---- evaluate + checkpoint (a resumed run's first step was evaluated before it was saved) ----
             if (step % run.eval_interval == 0 or last_step) and not (step == run.start_step and run.resumed):
                 check_finite(run, step, first_bad)
@@ -359,16 +345,17 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                     check_finite(run, step, first_bad, raw_model)
                     run.best_val = min(run.best_val, val)
                     next_sample = run.data_offset + step * run.grad_accum * run.rows_per_micro
-                    run.last_good = (checkpoint.save_run(run.out_dir, raw_model, optimizer, step, run.best_val,
-                                                         run.config, next_sample, run.device, val <= run.best_val), step)
+                    path = checkpoint.save_run(run.out_dir, raw_model, optimizer, step, run.best_val, run.config,
+                                               next_sample, run.device, best=val <= run.best_val)
+                    run.last_good = (path, step)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
             # ---- one optimizer step: nothing here waits for the device ----
-            factor = lr_factor(step, run)
+            factor = lr_factor(step, run)  # the schedule is data: no recompile, no per-optimizer code
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            loss_sum = torch.zeros((), device=run.device)
+            loss_sum = torch.zeros((), device=run.device)  # summed on the device, read at log points only
             for micro in range(run.grad_accum):
                 run.new_graph_step()  # reduce-overhead: the next CUDA-graph replay may reuse the last outputs
                 first = run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
@@ -379,12 +366,12 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                     with run.autocast:
                         _, loss = model(x, y, doc_starts=starts)
                     (loss / run.grad_accum).backward()
-                loss_sum += loss.detach()
+                loss_sum += loss.detach()  # detached: the log must not keep the graph alive
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
             ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
             first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
             optimizer.step()  # Sophia refreshes its Hessian inside, when due (kernels/sophia.py)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
             step, timed = step + 1, timed + 1
             if step % run.log_interval == 0 or step == 1 or step == run.max_iters:  # the host looks, and syncs
                 if run.ddp:
@@ -421,9 +408,9 @@ def log(run, text, row=None):
 def log_step(run, step, optimizer, loss, grad_norm, factor, dt, peak, raw_model):
     """One training log line. dt: seconds per step over the steps since the last log point. MFU = achieved
     FLOP/s (6N + attention per token, model.flops_per_token) / the GPUs' dense bf16 peak."""
-    tok_s = run.tokens_per_step / dt
+    tok_s = run.tokens_per_step / dt  # all ranks' tokens: the run's throughput, not one GPU's
     mfu = raw_model.flops_per_token() * tok_s / peak if peak else float("nan")
-    mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else 0.0
+    mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else 0.0  # peak
     extra = getattr(optimizer, "log_stats", dict)() if run.master else {}  # e.g. Sophia's win rate (syncs)
     gpu = f" | MFU {mfu * 100:5.1f}% | mem {mem:.1f} GiB" if run.device.type == "cuda" else ""
     lr = run.learning_rate * factor

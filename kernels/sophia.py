@@ -39,8 +39,8 @@ Scale conventions (those of the official code: h holds ĝ⊙ĝ, the factor B is 
   * ĝ is the gradient of the MEAN sampled-label cross entropy over the B tokens the estimator saw, computed like
     an ordinary gradient (DDP averaging the ranks). There is no factor B in the loss. The official loop also
     clips ĝ by global norm (1.0), as it clips g.
-  * h therefore holds EMA(∇L̂⊙∇L̂) = EMA(ĥ)/B, and the factor B is applied in the step as ρ·bs·h, with bs = B =
-    the number of tokens ĝ averaged over: NOT the tokens of the optimizer step when the estimator sees fewer.
+  * h therefore holds EMA(∇L̂⊙∇L̂) = EMA(ĥ)/B, and the factor B is applied in the step as ρ·bs·h, with
+    bs = B = the number of tokens ĝ averaged over: NOT the tokens of the optimizer step if the estimator sees fewer.
     Why: with sampled labels E[∇CE] = 0, so E[ĝ⊙ĝ] = (per-token Gauss-Newton diagonal) / B, and only bs = B
     turns bs·h back into the curvature of the mean loss, whatever B is (tests/test_sophia.py checks this).
   * Who runs the estimator: give SophiaG an `estimator(step) -> B` callable and it refreshes h itself every
@@ -326,7 +326,8 @@ class SophiaG(torch.optim.Optimizer):
     Defaults are the official GPT-2 small (125M) settings: lr 6e-4, rho 0.05, weight decay 0.2, betas (0.965, 0.99).
     Two ways to drive it: `estimator=` (a callable step -> tokens, doing the backward of `sampled_label_loss`) and
     plain `step()`, the refresh happens inside; or by hand, `step(bs=tokens the estimate saw)` and
-    `update_hessian()` after a backward pass of `sampled_label_loss`, every k steps. `win_rate()` for the log. `tile` (elements per Triton program, a power of two >= 16) is for tests.
+    `update_hessian()` after a backward pass of `sampled_label_loss`, every k steps. `win_rate()` for the log.
+    `tile` (elements per Triton program, a power of two >= 16) is for tests.
     """
 
     def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2, eps=1e-12, *, tile=TILE,

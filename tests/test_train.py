@@ -152,7 +152,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(sample_data_dir, tmp_pa
 ])
 def test_bad_input_exits_with_a_clear_message(sample_data_dir, argv, msg):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_TEST_MODEL,
-                          f"--data_dir={sample_data_dir}", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          f"--data_dir={sample_data_dir}", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode != 0
     assert msg in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
