@@ -25,7 +25,7 @@ import torch
 
 from chat_format import FORMATS, ChatFormat, get_encoding
 from generation import GenerationConfig, beam_search, stream
-from model import load_checkpoint
+from checkpoint import load_model, pick_device, pick_dtype
 
 
 class PromptTooLong(ValueError):
@@ -37,7 +37,7 @@ def load_chat(path, fmt=None, device="cpu", dtype="float32"):
     checkpoint, a tokenizer that does not match the model, a vocabulary without room for the format's tokens."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown chat format '{fmt}': expected one of {', '.join(FORMATS)}")
-    model, cfg = load_checkpoint(path, device)
+    model, cfg = load_model(path, device)
     trained_format = cfg.get("chat_format") or None
     name = fmt or trained_format or "none"
     if fmt and trained_format and fmt != trained_format:
@@ -50,8 +50,10 @@ def load_chat(path, fmt=None, device="cpu", dtype="float32"):
 
 def cast_weights(model, dtype):
     """Weights in bf16/fp16 for inference: half the memory traffic per token. (model.py keeps its position
-    tables in fp32 through the cast.)"""
-    return model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    tables in fp32 through the cast.) dtype: a torch.dtype or a name (auto | float32 | bfloat16 | float16)."""
+    if isinstance(dtype, str):
+        dtype = pick_dtype(dtype, model.wte.weight.device, key="--dtype")
+    return model.to(dtype)
 
 
 class Conversation:
@@ -167,7 +169,8 @@ def smoke(model, chat, gen, seed=1337, temperatures=(0.0, 0.8), out=print):
 # ---- the command line ----------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder (its ckpt.pt) or a .pt file")
+    p.add_argument("checkpoint", help="a run folder (its ckpt.pt), a .pt file, or a Hugging Face folder "
+                                      "(hf:<folder>, or one holding config.json + model.safetensors)")
     p.add_argument("--format", default=None, help=f"{' | '.join(FORMATS)} (default: the checkpoint's)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--context", default=None, help="a text file given to the model as retrieved context")
@@ -183,18 +186,16 @@ def parse_args(argv):
     p.add_argument("--length_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it) | float32 | bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it) | float32 | bfloat16 | "
+                                                   "float16")
     p.add_argument("--smoke", action="store_true", help="run the fixed smoke prompts and print a verdict table")
     return p.parse_args(argv)
 
 
 def main(argv):
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device, key="--dtype")  # checked before the (maybe large) checkpoint loads
     model, chat, cfg = load_chat(args.checkpoint, args.format, device, dtype)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -1,5 +1,5 @@
 """
-generation.py — decoding strategies on top of model.GPT, its KVCache and model.sample_next.
+generation.py — the one decode loop (KV cache) and its sampling strategies, on top of model.GPT and its KVCache.
 
     prompt ids ─► prefill (one forward over the prompt, filling the KV cache) ─► logits of the last position
         loop:  logits ─► process_logits (allowed ids, bias, repetition penalty, n-gram ban, min length)
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, sample_next
+from model import KVCache
 
 
 @dataclass
@@ -55,6 +55,27 @@ class GenerationConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is greedy; top_k keeps the k most likely tokens;
+    top_p keeps the smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token if the tokens before it already reach top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
 
 
 def apply_repetition_penalty(logits, seqs, penalty):
@@ -114,7 +135,7 @@ def _new_cache(model, batch, length, device):
 @torch.no_grad()
 def stream(model, prompt_ids, gen, allowed=None, generator=None):
     """Yield new token ids (ints) one at a time, the stop id included if one is produced (then it ends).
-    Greedy when gen.temperature == 0, else sampling with temperature / top-k / top-p (model.sample_next)."""
+    Greedy when gen.temperature == 0, else sampling with temperature / top-k / top-p (sample_next)."""
     device = model.wte.weight.device
     max_new = _budget(model, len(prompt_ids), gen.max_new_tokens)
     seq = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
@@ -193,3 +214,15 @@ def generate(model, prompt_ids, gen, allowed=None, generator=None):
     if gen.num_beams > 1:
         return beam_search(model, prompt_ids, gen, allowed)[0]
     return list(stream(model, prompt_ids, gen, allowed, generator))
+
+
+def sample_text(model, tokenizer, prompt, max_new_tokens=48, temperature=0.8, top_k=50, seed=0):
+    """A short seeded continuation of `prompt` as text: what train.py prints at the end with sample_prompt."""
+    from chat_format import get_encoding
+    enc = get_encoding(tokenizer)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    device = model.wte.weight.device
+    was_training = model.training
+    ids = generate(model.eval(), enc.encode_ordinary(prompt), gen, generator=torch.Generator(device).manual_seed(seed))
+    model.train(was_training)
+    return prompt + enc.decode([i for i in ids if i < enc.n_vocab])

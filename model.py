@@ -306,71 +306,29 @@ class GPT(nn.Module):
         embedding_lookup = self.wte.weight.numel()           # a lookup, not a matmul
         return 6 * (matmul_weights - embedding_lookup) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    # ---- generation ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                        vocab_limit=None, generator=None):
-        """Yield one new token per step (a (B,) tensor), sampling from a KV cache.
-
-        temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps the smallest set whose
-        probability reaches p (nucleus). vocab_limit masks ids >= it (the vocabulary's padding rows). Stops when
-        every row has produced one of stop_ids, or after max_new_tokens, or when the context is full."""
-        B, T = idx.shape
-        max_new_tokens = min(max_new_tokens, self.config.block_size - T)
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
-        x = idx
-        for _ in range(max_new_tokens):
-            logits = self(x, cache=cache, last_only=True)[0][:, -1, :].float()
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            yield nxt
-            done |= torch.isin(nxt, stop)
-            if done.all():
-                return
-            x = nxt[:, None]
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, **kw):
-        """idx (B, T) -> (B, T + new) with the sampled continuation (see generate_stream for the options)."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kw))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+    # ---- generation and loading live elsewhere ----------------------------------------------------------
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=()):
+        """idx (1, T) -> (1, T + new): a thin name over generation.py's one decode loop, for older callers."""
+        from generation import GenerationConfig, generate
+        if idx.shape[0] != 1:
+            raise ValueError("GPT.generate decodes one sequence; use generation.py for more")
+        room = max(1, min(max_new_tokens, self.config.block_size - idx.shape[1]))
+        gen = GenerationConfig(max_new_tokens=room, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0,
+                               stop_ids=tuple(stop_ids))
+        new = generate(self, idx[0].tolist(), gen)
+        return torch.cat([idx, torch.tensor([new], dtype=idx.dtype, device=idx.device)], dim=1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) fp32 -> next token ids (B,)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token if the tokens before it already reach top_p (the first token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    """generation.sample_next (kept here as a thin name for older callers)."""
+    from generation import sample_next as sample
+    return sample(logits, temperature, top_k, top_p, generator)
 
 
 def load_checkpoint(path, device="cpu"):
-    """A trained model from train.py/sft.py's output: a run folder (its ckpt.pt) or a .pt file.
-    Returns (model in eval mode, the run's config dict: tokenizer name, formats, ...)."""
-    import os
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no checkpoint at {file}")
-    ckpt = torch.load(file, map_location="cpu", weights_only=False)
-    if "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{file} is not a nanoforge checkpoint (keys: {sorted(ckpt)[:6]})")
-    model = GPT(GPTConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["config"]
+    """checkpoint.load_model (kept here as a thin name for eval.py / export.py): (model in eval mode, config)."""
+    from checkpoint import load_model
+    return load_model(path, device)
 
 
 # ---- python model.py config/X.py ------------------------------------------------------------------------------

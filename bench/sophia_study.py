@@ -126,10 +126,10 @@ def run_config(out_dir):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return {}
-    import torch
-    try:  # mmap: the config is read without loading the weights
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
-    except Exception:
+    import checkpoint
+    try:  # mmap: the config is read without loading the weights; weights_only (checkpoint.load): no code runs
+        return checkpoint.load(path, mmap=True)["config"]
+    except (ValueError, FileNotFoundError):
         return {}
 
 

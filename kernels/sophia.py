@@ -11,8 +11,8 @@ The update, every step, with g = p.grad and bs = the tokens of the step (see bel
     m ← β1·m + (1 − β1)·g
     p ← p − lr·clip(m / (ρ·bs·h + ε), −1, 1)            = p − lr·sign(m)·min(|m| / (ρ·bs·h + ε), 1)
 
-and every k steps (k is train.py's business; 10 in the paper), right after a backward pass of the estimator
-loss below, `update_hessian()` does
+and every k = hess_interval steps (10 in the paper), right after a backward pass of the estimator loss below,
+`update_hessian()` does
 
     h ← β2·h + (1 − β2)·ĝ⊙ĝ                             ĝ = p.grad at that moment
 
@@ -35,16 +35,23 @@ batch of B tokens (paper, Algorithm 2):
     L̂(θ) = (1/B)·Σ_b CE(f(θ, x_b), ŷ_b),   ŷ_b ~ softmax(f(θ, x_b))         the mean over the B tokens
     ĥ    = B·∇L̂ ⊙ ∇L̂                                                       B: ∇L̂ is a mean of B terms
 
-Scale conventions, exactly those of the official code (Lille-130M's code uses the same):
-  * ĝ is the gradient of the MEAN sampled-label cross entropy over all the tokens of the step, computed like an
-    ordinary gradient: each micro-batch's loss divided by the accumulation steps, DDP averaging the ranks. There
-    is no factor B in the loss. The official loop also clips ĝ by global norm (1.0), as it clips g.
+Scale conventions (those of the official code: h holds ĝ⊙ĝ, the factor B is applied in the step):
+  * ĝ is the gradient of the MEAN sampled-label cross entropy over the B tokens the estimator saw, computed like
+    an ordinary gradient (DDP averaging the ranks). There is no factor B in the loss. The official loop also
+    clips ĝ by global norm (1.0), as it clips g.
   * h therefore holds EMA(∇L̂⊙∇L̂) = EMA(ĥ)/B, and the factor B is applied in the step as ρ·bs·h, with
-    bs = B = the number of tokens ĝ was averaged over = tokens per optimizer step (official GPT-2 runs:
-    480 sequences × 1024 = 491,520). If the estimator uses fewer tokens than the step, ρ is off by that ratio.
+    bs = B = the number of tokens ĝ averaged over: NOT the tokens of the optimizer step if the estimator sees fewer.
+    Why: with sampled labels E[∇CE] = 0, so E[ĝ⊙ĝ] = (per-token Gauss-Newton diagonal) / B, and only bs = B
+    turns bs·h back into the curvature of the mean loss, whatever B is (tests/test_sophia.py checks this).
+  * Who runs the estimator: give SophiaG an `estimator(step) -> B` callable and it refreshes h itself every
+    hess_interval steps, inside step(), and uses the B it returned as bs (kept in the param groups, so a
+    checkpoint keeps it; with SFT masks B varies, and each step uses the last refresh's). train.py's estimator
+    takes the step's first micro-batch on every rank: B = batch_size · block_size · world (trained tokens only,
+    for SFT). Before 2026-12-01 train.py passed bs = tokens per optimizer step, grad_accum times more: ρ was
+    effectively ρ·grad_accum (the H100 study ran that way; bench/results/sophia_study_h100/README.md).
   * lr is the step size of the clipped update (the official README: it corresponds to ρ·η_t of the paper), in
     practice about the learning rate one would give AdamW.
-`sampled_label_loss(logits)` at the bottom is the estimator's loss; train.py does the backward pass.
+`sampled_label_loss(logits)` at the bottom is the estimator's loss; the estimator does its backward pass.
 
 The "win rate" (official train loop's train/win_rate): the share of coordinates whose step was NOT clipped,
 |m| < ρ·bs·h. The README's advice is to tune ρ so that it stays in 0.1-0.5. The Triton step counts them per tile
@@ -317,19 +324,28 @@ class SophiaG(torch.optim.Optimizer):
     """SophiaG with fp32 state and one fused Triton launch per (device, dtype) for the step and for the Hessian EMA.
 
     Defaults are the official GPT-2 small (125M) settings: lr 6e-4, rho 0.05, weight decay 0.2, betas (0.965, 0.99).
-    `step(bs=tokens in this step)`; `update_hessian()` after a backward pass of `sampled_label_loss`, every k steps;
-    `win_rate()` for the log. `tile` (elements per Triton program, a power of two >= 16) is for tests.
+    Two ways to drive it: `estimator=` (a callable step -> tokens, doing the backward of `sampled_label_loss`) and
+    plain `step()`, the refresh happens inside; or by hand, `step(bs=tokens the estimate saw)` and
+    `update_hessian()` after a backward pass of `sampled_label_loss`, every k steps. `win_rate()` for the log.
+    `tile` (elements per Triton program, a power of two >= 16) is for tests.
     """
 
-    def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2, eps=1e-12, *, tile=TILE):
+    def __init__(self, params, lr=6e-4, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2, eps=1e-12, *, tile=TILE,
+                 hess_interval=10, estimator=None):
         if tile < 16 or tile & (tile - 1):
             raise ValueError(f"SophiaG: tile must be a power of two >= 16, got {tile}")
-        self.tile = tile
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps))
+        if hess_interval < 1:
+            raise ValueError(f"SophiaG: hess_interval must be >= 1, got {hess_interval}")
+        self.tile, self.hess_interval, self.estimator = tile, hess_interval, estimator
+        # bs (tokens the curvature estimate averaged over) and steps (taken so far) live in the param groups, so
+        # the optimizer's state_dict, hence a checkpoint, carries them
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
+                                      bs=1.0, steps=0))
         self.last_backend = None  # 'triton' or 'torch', for the log
 
     def __getstate__(self):  # pickle / deepcopy: keep the tile; the layout is rebuilt from the state
-        return {**super().__getstate__(), "tile": self.tile}
+        return {**super().__getstate__(), "tile": self.tile, "hess_interval": self.hess_interval,
+                "estimator": self.estimator}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -364,8 +380,14 @@ class SophiaG(torch.optim.Optimizer):
         return rows
 
     @torch.no_grad()
-    def step(self, closure=None, *, bs):
-        """One update. bs: the number of tokens the loss (and the estimator's loss) was averaged over."""
+    def step(self, closure=None, *, bs=None):
+        """One update, then, with an estimator, the curvature refresh when due (every hess_interval steps).
+        bs: the number of tokens the estimator's loss averaged over (the docstring's B). By hand, as in the
+        official code, pass it here; with an estimator, leave it None: the count the last refresh returned is used."""
+        if bs is None and self.estimator is None:
+            raise TypeError("SophiaG.step() needs bs= (the tokens the curvature estimate averaged over) when it has "
+                            "no estimator to count them")
+        bs = self.param_groups[0]["bs"] if bs is None else bs
         if isinstance(bs, bool) or not isinstance(bs, (int, float)) or not (bs > 0 and math.isfinite(bs)):
             raise ValueError(f"SophiaG.step: bs must be the positive number of tokens in the step, got {bs!r}")
         loss = None
@@ -388,7 +410,24 @@ class SophiaG(torch.optim.Optimizer):
                     bucket.unclipped += sophia_step_torch(p, g, m, h, lr=lr, weight_decay=wd, beta1=beta1,
                                                           rho_bs=rho_bs, eps=eps)
             bucket.stepped = sum(n for n, g in zip(bucket.numel_list, grads) if g is not None)
+        for group in self.param_groups:
+            group["steps"] += 1
+        if self.estimator is not None and self.param_groups[0]["steps"] % self.hess_interval == 0:
+            self.refresh_hessian(self.param_groups[0]["steps"] - 1)
         return loss
+
+    def refresh_hessian(self, step):
+        """Sophia's extra work, behind its own step() so a training loop needs no Sophia-specific code: clear the
+        training gradients, let the estimator run its backward (it returns how many tokens ĝ averaged over), fold
+        ĝ⊙ĝ into h and remember that count as bs for the next steps. `step`: the 0-based step just taken (the
+        estimator seeds its sampled labels with it, so a resumed run draws the same ones)."""
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            tokens = self.estimator(step)
+        self.update_hessian()
+        self.zero_grad(set_to_none=True)
+        for group in self.param_groups:
+            group["bs"] = float(tokens)
 
     @torch.no_grad()
     def update_hessian(self):
@@ -413,10 +452,17 @@ class SophiaG(torch.optim.Optimizer):
         unclipped = sum(b.unclipped.sum().to(device) for b in done)
         return unclipped.double() / max(1, sum(b.stepped for b in done))
 
+    def log_stats(self):
+        """Numbers for a training log, read at log points only (this syncs with the device)."""
+        return {"win_rate": float(self.win_rate())}
+
     def load_state_dict(self, state_dict):
         """torch's loader casts state to the parameter dtype (bf16 would lose the fp32 m and h): restore fp32."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before bs/steps were kept in the groups
+            group.setdefault("bs", 1.0)
+            group.setdefault("steps", 0)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in saved.items():
             p = params[index]

@@ -129,7 +129,7 @@ def test_pack_shards_masks_and_loader(tmp_path):
     assert trained.count("<|endoftext|>") == 90 and "### Response" not in trained and "Below is" not in trained
     # train.py's loader: targets are -1 exactly where the target token's mask is 0
     windows = train.TokenWindows(out, "train", 64, 50304, seed=0, shuffle=False)
-    x, y = windows.batch(0, 3, torch.device("cpu"))
+    x, y, _ = windows.batch(0, 3, torch.device("cpu"))
     for r in range(3):
         start = r * 64
         assert torch.equal(x[r], torch.from_numpy(tokens[start:start + 64].astype(np.int64)))
@@ -181,7 +181,7 @@ def test_pad_layout_one_conversation_per_window(tmp_path):
     assert len(tokens) == n * 128 + 1
     windows = train.TokenWindows(out, "train", 128, 50304, seed=0, shuffle=True)
     assert windows.n == n                                          # every conversation is one window
-    x, y = windows.batch(0, n, torch.device("cpu"))
+    x, y, _ = windows.batch(0, n, torch.device("cpu"))
     assert (x[:, 0] == GPT2.eot_token).all()                       # each starts at position 0 with its bos
     for row_x, row_y in zip(x, y):
         end = int((row_y != -1).nonzero().max())                   # the last trained target: the end token
@@ -202,22 +202,25 @@ def test_sft_refuses_mismatched_inputs(tmp_path):
                         "--source", "alpaca_tiny_local", name="padded")
     good = fake_checkpoint(tmp_path / "good")
     out = tmp_path / "out"
+
+    def check(cfg):  # sft.py's two rules, then train.py's one resolution (where the other checks live)
+        return train.resolve(sft.prepare(cfg))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        sft.prepare(sft_cfg(chatml, tmp_path / "missing", out))
+        check(sft_cfg(chatml, tmp_path / "missing", out))
     with pytest.raises(ValueError, match="tokenizer mismatch"):
-        sft.prepare(sft_cfg(chatml, fake_checkpoint(tmp_path / "cl", tokenizer="cl100k_base"), out))
+        check(sft_cfg(chatml, fake_checkpoint(tmp_path / "cl", tokenizer="cl100k_base"), out))
     with pytest.raises(ValueError, match="cannot hold the special tokens"):
-        sft.prepare(sft_cfg(chatml, fake_checkpoint(tmp_path / "unpadded", vocab_pad_multiple=1), out))
+        check(sft_cfg(chatml, fake_checkpoint(tmp_path / "unpadded", vocab_pad_multiple=1), out))
     with pytest.raises(ValueError, match="pads conversations to 256 tokens but the model's context is 128"):
-        sft.prepare(sft_cfg(padded, good, out))
+        check(sft_cfg(padded, good, out))
     with pytest.raises(ValueError, match="rendered as 'chatml'"):
-        sft.prepare(sft_cfg(chatml, good, out, "--chat_format=alpaca"))
+        check(sft_cfg(chatml, good, out, "--chat_format=alpaca"))
     with pytest.raises(FileNotFoundError, match="prepare_sft.py"):
-        sft.prepare(sft_cfg(tmp_path, good, out))
+        check(sft_cfg(tmp_path, good, out))
     with pytest.raises(ValueError, match="fine-tunes a pretrained model"):
-        sft.prepare(sft_cfg(chatml, "scratch", out))
-    cfg = sft.prepare(sft_cfg(chatml, good, out))
-    assert cfg["chat_format"] == "chatml" and cfg["tokenizer"] == "gpt2"
+        check(sft_cfg(chatml, "scratch", out))
+    run = check(sft_cfg(chatml, good, out))
+    assert run.chat_format == "chatml" and run.tokenizer == "gpt2" and run.n_layer == 2   # from data and checkpoint
 
 
 # ---- chat.py ------------------------------------------------------------------------------------------------

@@ -244,14 +244,14 @@ def test_negative_lr_from_a_schedule_is_caught_at_step():
         opt.step(bs=8)
 
 
-@pytest.mark.parametrize("bs", [0, -5, float("nan"), True, "4096", None])
+@pytest.mark.parametrize("bs", [0, -5, float("nan"), True, "4096"])
 def test_bs_must_be_a_positive_token_count(bs):
     params = make_params([(3,)], torch.float32)
     params[0].grad = torch.ones(3, device=DEVICE)
     with pytest.raises(ValueError, match="bs"):
         SophiaG(params).step(bs=bs)
     with pytest.raises(TypeError):
-        SophiaG(params).step()  # bs is required: there is no sensible default
+        SophiaG(params).step()  # bs is required without an estimator: there is no sensible default
 
 
 @pytest.mark.parametrize("choice", ["triton", "torch"])
@@ -315,6 +315,35 @@ def test_sampled_labels_follow_the_softmax_and_give_the_gauss_newton_diagonal():
     per_token = logits.grad * n  # the loss is a mean over n tokens
     assert per_token.mean(0).abs().max() < 0.015
     assert (per_token.pow(2).mean(0) - q * (1 - q)).abs().max() < 0.015
+
+
+def test_scale_bs_times_h_is_the_curvature_of_the_mean_loss_whatever_the_token_count(backend):
+    """The docstring's scale convention, end to end through SophiaG's own refresh: an estimator averaging its
+    sampled-label loss over B tokens returns B, and bs * h (bias-corrected EMA) converges to the Gauss-Newton
+    diagonal of the MEAN per-token loss, mean_b x_bi^2 q_bj (1 - q_bj) for logits x W, for B = 4 and B = 32 alike.
+    Passing a larger bs (the tokens of a whole step, grad_accum x B, as train.py once did) makes it grad_accum
+    times too large, which this test would catch."""
+    backend("torch")
+    torch.manual_seed(0)
+    x_all, steps, beta2 = torch.randn(32, 3), 2000, 0.998
+    W = torch.nn.Parameter(0.5 * torch.randn(3, 4))
+    for B in (4, 32):
+        x = x_all[:B]
+        q = torch.softmax(x @ W.detach(), -1)
+        want = (x ** 2).T @ (q * (1 - q)) / B                      # (3, 4): the exact diagonal
+        gen = torch.Generator().manual_seed(B)
+
+        def estimator(step):
+            sampled_label_loss(x @ W, generator=gen).backward()
+            return B
+        opt = SophiaG([W], lr=0.0, betas=(0.9, beta2), rho=1.0, weight_decay=0.0, hess_interval=1,
+                      estimator=estimator)
+        for _ in range(steps):
+            opt.step()                                           # no gradient: nothing moves; then the refresh
+        assert opt.param_groups[0]["bs"] == B
+        curvature = opt.param_groups[0]["bs"] * opt.state[W]["hessian"] / (1 - beta2 ** steps)
+        assert abs(curvature.sum() / want.sum() - 1) < 0.1, (B, curvature, want)
+        assert ((curvature - want).abs() <= 0.3 * want + 1e-3).all(), (B, curvature, want)
 
 
 def test_sampled_label_loss_respects_the_mask():

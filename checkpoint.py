@@ -1,0 +1,268 @@
+"""
+checkpoint.py — the one place that finds, opens and writes checkpoints, and picks the device and precision.
+
+Every script that reads a trained model (train.py's resume and init_from, sft.py, chat.py, eval.py, export.py,
+bench/sophia_study.py) goes through here, so every one of them gets the same three guarantees:
+
+  * Nothing gets in through a checkpoint. A .pt file is a pickle, and unpickling can call any Python function
+    the file names (os.system, say). We open it with torch.load(weights_only=True), whose unpickler only builds
+    tensors and plain containers/numbers/strings: nanoforge's own checkpoints hold nothing else, and a file
+    that names anything else is refused before that thing runs.
+  * Every bad file is one clear line: missing, truncated, not a torch file at all, or a dict without the
+    'model' and 'config' a nanoforge checkpoint has.
+  * Nothing written is half-written. save() writes a temporary file with a name unique to this process, then
+    renames it over the old one (a rename within a folder is atomic): a crash or a full disk mid-write leaves
+    the previous checkpoint whole, and the partial temporary is removed.
+
+Where a model comes from elsewhere, a Hugging Face folder (config.json + model.safetensors, or `hf:<folder>`)
+is read by hf.py instead: safetensors holds tensors only, no code at all.
+
+    run folder | ckpt.pt | best.pt  --find()--> file --load()--> {"model", "config", ...}  --build--> GPT
+    hf:<folder> | exported folder  ---------------------- hf.load_hf_model() -------------------> GPT
+"""
+import errno
+import os
+import pickle
+from contextlib import nullcontext
+
+import torch
+
+HF_PREFIX = "hf:"
+
+
+# ---- where a checkpoint is ---------------------------------------------------------------------------------
+def find(path):
+    """A run folder means its ckpt.pt; a file means itself. FileNotFoundError naming what is missing."""
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        hint = ""
+        if os.path.isfile(os.path.join(os.path.dirname(file), "best.pt")) and file.endswith("ckpt.pt"):
+            hint = (f"; {os.path.dirname(file)}/best.pt exists: it holds the best weights only (no optimizer, no "
+                    f"data position), so it can start a run (init_from=<that file>) but not resume one")
+        raise FileNotFoundError(f"no checkpoint at {file}{hint}")
+    return file
+
+
+def is_hf_folder(path):
+    """`hf:<folder>`, or a folder holding an exported model (config.json + model.safetensors) and no ckpt.pt."""
+    if path.startswith(HF_PREFIX):
+        return True
+    return (os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt"))
+            and all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors")))
+
+
+# ---- opening one ---------------------------------------------------------------------------------------------
+def load(path, mmap=False):
+    """The checkpoint dict of a run folder or .pt file, opened safely (see the top). mmap=True maps the file
+    instead of reading it: the config is then available without pulling gigabytes of weights into memory."""
+    file = find(path)
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e)
+        if "Unsupported global" in reason or "GLOBAL" in reason or "not an allowed global" in reason:
+            found = next((line.strip() for line in reason.splitlines() if "global" in line.lower()), reason[:200])
+            raise ValueError(f"{file} was refused: it asks to run Python code or build objects other than tensors "
+                             f"and plain values ({found}); nanoforge's checkpoints never do, so this file was not "
+                             f"written by train.py. Nothing in it was run.") from None
+        raise ValueError(f"{file} is not a readable checkpoint (garbage or damaged: {reason[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, empty file, not a torch file
+        raise ValueError(f"{file} is not a readable checkpoint (truncated, or not written by torch.save: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{file} is not a nanoforge checkpoint (it has no 'model' and 'config'; found {keys})")
+    return ckpt
+
+
+def load_model(path, device="cpu"):
+    """(GPT in eval mode on `device`, the run's config dict) from a run folder, a .pt file, `hf:<folder>` or an
+    exported Hugging Face folder. The config carries what the weights need around them: tokenizer, chat format."""
+    if is_hf_folder(path):
+        try:
+            import hf  # the interop chapter: safetensors + config.json -> GPT
+        except ImportError:
+            raise ValueError(f"{path} is a Hugging Face folder, and reading one needs hf.py, which this checkout "
+                             f"does not have") from None
+        model, config = hf.load_hf_model(path[len(HF_PREFIX):] if path.startswith(HF_PREFIX) else path, device)
+        return model.eval(), config
+    from model import GPT, GPTConfig
+    ckpt = load(path)
+    model = GPT(GPTConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["config"]
+
+
+# ---- writing one ---------------------------------------------------------------------------------------------
+def save_run(out_dir, model, optimizer, step, best_val, config, next_sample, device, best):
+    """ckpt.pt: everything a resumed run needs to continue the same loss sequence (weights, optimizer state
+    including Sophia's Hessian, step, the next data sample, RNG states, the resolved config); and when `best`,
+    best.pt: the weights alone (what to fine-tune or chat with). Returns ckpt.pt's path."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+               "best_val_loss": best_val, "config": config, "data": {"next_sample": next_sample},
+               "rng": {"cpu": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    path = os.path.join(out_dir, "ckpt.pt")
+    save(path, payload)
+    if best:
+        save(os.path.join(out_dir, "best.pt"), {k: payload[k] for k in ("model", "config", "step", "best_val_loss")})
+    return path
+
+
+def save(path, payload):
+    """torch.save to `<path>.<pid>.tmp`, then an atomic rename over `path`. The temporary's name is unique to the
+    process, so two writers never tear each other's file; on any failure it is removed and the old file stays."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # a full disk shows up as ENOSPC, or as a bare C++ stream error from torch.save's writer
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(e, RuntimeError) and ("iostream error" in str(e) or "file write failed" in str(e)))
+        if full:
+            kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing was kept"
+            raise OSError(f"no space left writing {path} ({kept}, the partial file removed): free some disk "
+                          f"space and resume") from None
+        raise
+
+
+def lock_run_folder(out_dir):
+    """An exclusive lock on <out_dir>/.lock for as long as the returned file stays open: a second run in the same
+    folder (it would interleave metrics.jsonl and fight over ckpt.pt) gets a clear error instead."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, as before
+        return None
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"{out_dir} is in use by another run (pid {holder}): wait for it to end, or choose "
+                         f"another out_dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+# ---- device and precision: one decision for every script -----------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name="auto", local_rank=0):
+    """'auto' (the GPU if there is one) | 'cpu' | 'cuda' | 'cuda:N'. Asking for a GPU that is not there is an
+    error, never a silent CPU run."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and name.split(":")[0] != "cuda":
+        raise ValueError(f"device='{name}': expected auto, cpu, cuda or cuda:N")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device='{name}' but no CUDA GPU is available here: use --device=cpu (or auto)")
+    return torch.device(name if ":" in name else f"cuda:{local_rank}")
+
+
+def pick_dtype(name, device, allowed=tuple(DTYPES), key="dtype"):
+    """'auto' -> bfloat16 on a GPU that has it, else float32; otherwise one of `allowed`, or an error naming
+    `key`. Training does not allow float16: it needs a loss scaler against underflowing gradients."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if name == "float16" and "float16" not in allowed:
+        raise ValueError(f"{key}='float16': training in fp16 needs a gradient scaler, which nanoforge does not "
+                         f"have; use bfloat16 (same speed on GPUs that have it) or float32")
+    if name not in allowed:
+        raise ValueError(f"{key}='{name}': expected auto, {', '.join(allowed)}")
+    return DTYPES[name]
+
+
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets: MFU divides by these.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak in FLOP/s, 0.0 where unknown (the CPU, an unlisted GPU: MFU is then nan)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def autocast(device, dtype):
+    """Mixed precision for the forward pass: matmuls in `dtype`, reductions and the master weights in fp32."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+# ---- the rest of a run folder: metrics.jsonl, run_config.json, loss.png --------------------------------------
+def open_metrics(out_dir, resume_step, config):
+    """metrics.jsonl (one JSON line per logged step) ready for appending, and run_config.json (the resolved
+    settings, readable without loading a checkpoint). A resumed run (resume_step given) keeps the lines up to its
+    step; a line torn by a kill mid-write (the last one) is dropped with a notice, any other bad line is an error
+    naming it: resuming must not depend on a log, nor silently lose one."""
+    import json
+    path, kept = os.path.join(out_dir, "metrics.jsonl"), []
+    if resume_step is not None and os.path.exists(path):
+        lines = open(path).read().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(f"{path}: dropping the torn last line (line {i + 1}), cut off when the run was killed")
+                    break
+                raise ValueError(f"{path}:{i + 1} is not valid JSON: fix or delete that line") from None
+            kept += [line + "\n"] if row["step"] <= resume_step else []
+    with open(path, "w") as f:
+        f.writelines(kept)
+    with open(os.path.join(out_dir, "run_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+def plot_losses(out_dir):
+    """loss.png beside metrics.jsonl: the train loss per logged step and the validation points."""
+    import json
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path) or not os.path.getsize(path):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = []
+    for line in open(path):
+        try:  # a damaged line is reported by open_metrics; the plot just skips it
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label="train" if key == "loss" else "val", lw=1, ms=3)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=os.path.basename(os.path.abspath(out_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+def restore_training_state(ckpt, optimizer, device):
+    """What a resumed run needs besides the weights: the optimizer's state and the RNG states, so the next steps
+    are the ones the uninterrupted run would have taken. The lr is this run's: each group keeps the base_lr the
+    optimizer was just built with, not the saved one (a resume may change learning_rate on purpose)."""
+    bases = [g["base_lr"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, base in zip(optimizer.param_groups, bases):
+        group["base_lr"] = base
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
