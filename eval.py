@@ -467,11 +467,12 @@ def run_name(ckpt):
     return os.path.basename(os.path.normpath(run_folder(ckpt)))
 
 
-def checkpoint_file(ckpt):
-    file = os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no checkpoint at {file}")
-    return file
+def check_checkpoint(ckpt):
+    """Fail before any work if `ckpt` is neither a nanoforge checkpoint nor a Hugging Face folder (checkpoint.py
+    is the one resolver: run folder -> ckpt.pt, a .pt file, hf:<folder> or an exported folder)."""
+    import checkpoint
+    if not checkpoint.is_hf_folder(ckpt):
+        checkpoint.find(ckpt)
 
 
 def read_results(path):
@@ -493,20 +494,19 @@ def write_results(results, out):
 def evaluate_checkpoint(ckpt, args, tasks, bpb):
     """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
     import tiktoken
-    from model import load_checkpoint
-    file = checkpoint_file(ckpt)
+    import checkpoint
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
-    model, cfg = load_checkpoint(file, device)
+    file = ckpt if checkpoint.is_hf_folder(ckpt) else checkpoint.find(ckpt)
+    model, cfg = checkpoint.load_model(ckpt, device)
     enc = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2"))
-    try:  # the step is metadata; a memory-mapped second look (tensors only, no code) costs nothing
-        step = int(torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("step", -1))
-    except Exception:
-        step = None
+    step = None  # the step is metadata; a memory-mapped second look (tensors only, no code) costs nothing
+    if not checkpoint.is_hf_folder(ckpt):
+        step = int(checkpoint.load(ckpt, mmap=True).get("step", -1))
     batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
     print(f"evaluating {file} (step {step}, {model.num_params():,} parameters, context {model.config.block_size}) "
           f"on {device}{' with bf16 autocast' if device.type == 'cuda' else ''}")
@@ -568,7 +568,7 @@ def main(argv=None):
         stored = {r: os.path.join(run_folder(r), "eval.json") for r in runs}
         todo = [r for r in runs if not (args.compare and os.path.exists(stored[r]))]
         for run in todo:
-            checkpoint_file(run)
+            check_checkpoint(run)
         bpb_file = None if args.bpb_file.lower() in ("", "none") else args.bpb_file
         tasks, bpb = prepare(names, args.data_root, args.limit, args.online, bpb_file) if todo else (None, None)
         named = [(run_name(r), evaluate_checkpoint(r, args, tasks, bpb) if r in todo else read_results(stored[r]))

@@ -36,7 +36,8 @@ import torch
 
 import hf
 from chat_format import EOT, EXTRA_TOKENS, ChatFormat, get_encoding
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_model
+from model import GPT, GPTConfig
 
 DEFAULT_DIR = {"hf": "hf", "native": "export", "onnx": "onnx"}  # under the run folder
 
@@ -370,7 +371,7 @@ def export(ckpt_path, out_dir, dtype="float32", fmt="hf", chat_format=None):
     export removes what it created, and leaves an earlier export in out_dir whole."""
     if fmt not in EXPORTERS:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(EXPORTERS)}")
-    model, run_config = load_checkpoint(ckpt_path)
+    model, run_config = load_model(ckpt_path)
     kwargs = {"chat_format": chat_format} if fmt == "hf" else {}
     created = first_missing(out_dir)
     staging = make_staging(out_dir)
