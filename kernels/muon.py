@@ -133,9 +133,14 @@ if HAS_TRITON:
                 acc += beta * tl.load(c_tile, mask=valid, other=0.0).to(tl.float32)
             out = _round_to(acc, out_ptr.dtype.element_ty)
             o = out_ptr + b * stride_ob
-            tl.store(o + rows_i[:, None] * stride_om + rows_j[None, :] * stride_on, out, mask=valid)
-            if i != j:  # the mirror: element (r, s) of tile (j, i) is element (s, r) of tile (i, j)
-                tl.store(o + rows_j[None, :] * stride_om + rows_i[:, None] * stride_on, out, mask=valid)
+            # element (r, s) goes to (r, s) and, mirrored, to (s, r), for r >= s only: the whole tile when i > j
+            # (every row of tile i is below every row of tile j), the lower triangle of a diagonal tile. So
+            # the result is exactly symmetric, and no two stores of a program touch the same element
+            lower = rows_i[:, None] >= rows_j[None, :]
+            tl.store(o + rows_i[:, None] * stride_om + rows_j[None, :] * stride_on, out, mask=valid & lower)
+            strictly_lower = rows_i[:, None] > rows_j[None, :]
+            tl.store(o + rows_j[None, :] * stride_om + rows_i[:, None] * stride_on, out,
+                     mask=valid & strictly_lower)
 
 
 def gram_triton(x, alpha=1.0, beta=0.0, c=None, block=BLOCK, block_k=BLOCK_K):
