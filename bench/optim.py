@@ -52,6 +52,18 @@ def param_groups(params):
             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
 
 
+def with_twin(kernel, fn):
+    """fn run with `kernel`'s PyTorch twin forced (for Muon: the Newton-Schulz products by torch.bmm / baddbmm),
+    then the default switch restored."""
+    def wrapped():
+        kernels.set_backend(f"auto,{kernel}=torch")
+        try:
+            fn()
+        finally:
+            kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
+    return wrapped
+
+
 def pipelined_ms(fn, calls=10, reps=10):
     fn()
     torch.cuda.synchronize()
@@ -97,15 +109,7 @@ def main(argv=None):
     adamw_fused = torch.optim.AdamW(param_groups(params), lr=6e-4, fused=True)
     adamw_foreach = torch.optim.AdamW(param_groups(params), lr=6e-4, foreach=True)
 
-    def twin(fn):  # run fn with the PyTorch twin forced, then restore the default switch
-        def wrapped():
-            kernels.set_backend("auto,sophia=torch")
-            try:
-                fn()
-            finally:
-                kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
-        return wrapped
-
+    twin = lambda fn: with_twin("sophia", fn)
     cases = [  # (name, callable, bytes per parameter)
         ("SophiaG step, Triton (ours)", lambda: ours.step(bs=bs), 24),
         ("AdamW fused=True", adamw_fused.step, 28),
@@ -161,24 +165,16 @@ def muon_cases(train_step):
     muon = Muon(model, lr=0.02, adamw_lr=6e-4)
     adamw = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
 
-    def twin(fn):  # the Newton-Schulz products by torch.bmm / baddbmm instead of the Triton Gram kernel
-        def wrapped():
-            kernels.set_backend("auto,muon=torch")
-            try:
-                fn()
-            finally:
-                kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
-        return wrapped
-
     rows, ms = [], {}
     for name, fn in (("Muon step (gpt2_124m: Triton Gram kernel + fused AdamW part)", muon.step),
-                     ("Muon step (gpt2_124m: PyTorch twin + fused AdamW part)", twin(muon.step)),
+                     ("Muon step (gpt2_124m: PyTorch twin + fused AdamW part)", with_twin("muon", muon.step)),
                      ("AdamW fused=True (gpt2_124m, all parameters)", adamw.step)):
         fn()
         ms[name] = time_ms(fn, reps=20)
         rows.append([name, ms[name], pipelined_ms(fn), host_us(fn), "-", "-"])
     muon_ms, adamw_ms = rows[0][1], rows[2][1]
-    note = f"Muon step (Triton) {muon_ms:.2f} ms, twin {rows[1][1]:.2f} ms, fused AdamW on the same model {adamw_ms:.2f} ms."
+    note = (f"Muon step (Triton) {muon_ms:.2f} ms, twin {rows[1][1]:.2f} ms, fused AdamW on the same model "
+            f"{adamw_ms:.2f} ms.")
     if train_step:
         step_ms = training_step_ms(model, adamw)
         share = (muon_ms - adamw_ms) / step_ms

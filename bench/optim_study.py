@@ -440,7 +440,8 @@ def parse_args(argv):
     p.add_argument("--data_dir", default="data/openstax_gpt2")
     p.add_argument("--out_root", default="out/optim_study")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of presets in config/")
-    p.add_argument("--runs", default=",".join(n for n, _ in ARMS), help="comma list of: " + ", ".join(n for n, _ in ARMS))
+    names = [n for n, _ in ARMS]
+    p.add_argument("--runs", default=",".join(names), help="comma list of: " + ", ".join(names))
     p.add_argument("--max_iters", type=int, default=MAX_ITERS)
     p.add_argument("--tokens_per_step", type=int, default=TOKENS_PER_STEP)
     p.add_argument("--warmup_iters", type=int, default=WARMUP_ITERS)

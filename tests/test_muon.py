@@ -104,6 +104,20 @@ def test_newton_schulz_triton_against_twin(dtype, backend):
     assert (err(ours) <= 2 * err(twin) + 1e-6).all(), (err(ours), err(twin))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(12, 768, 2304), (12, 768, 768), (12, 4096, 768), (12, 768, 2048)])
+def test_gpu_real_shapes(shape, backend):
+    """gpt2_124m's stacks (qkv, proj, fc, mlp proj): the kernel at its real tiles, bf16, and the band."""
+    g = torch.randn(shape, device="cuda")
+    x = (g / torch.linalg.matrix_norm(g, keepdim=True)).bfloat16()
+    x = x.mT if x.size(-2) > x.size(-1) else x                        # as the iteration sees it (a strided view)
+    ours, same, ref = gram_triton(x), gram_torch(x), gram_torch(x.double())
+    assert_within_2x(ours, same, ref, atol=1e-3 * ref.abs().max().item(), name=f"gram {shape}")
+    backend("triton")
+    sv = torch.linalg.svdvals(newton_schulz(g).double())
+    assert sv.min() > 0.65 and sv.max() < 1.2, (sv.min().item(), sv.max().item())
+
+
 # ---- the optimizer ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tie", [True, False])
 def test_split_params_blocks_matrices_to_muon(tie):
