@@ -120,6 +120,9 @@ GRACE_S = 20                # after SIGTERM train.py finishes its step and evalu
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
+# Each run is its own train.py process, exactly as a user would start it (the preset, then the study's flags, then
+# the arm's, then --extra: later flags win), so the study measures the real loop, compilation and all. A run past
+# its time limit gets SIGTERM: train.py finishes the step in flight and evaluates, so the curve keeps its last point.
 def train_run(model, name, flags, args, timeout):
     """One train.py subprocess, output to <out_root>/<model>/<name>.log. Returns (status, seconds)."""
     out_dir = os.path.join(args.out_root, model, name)
@@ -239,6 +242,9 @@ def head_to_head(a, b, axis, unit, scale):
     return {"x": x, "a": va, "b": vb, "leader": lead["name"], "reach": reach, "text": text}
 
 
+# Comparing optimizers fairly means comparing each at its best: every optimizer gets its own lr sweep, and the
+# comparisons below pit the best run of each against the best AdamW. A best found at the end of its sweep is
+# flagged, because the true optimum may lie beyond it (then the comparison flatters the other side).
 def sweep(runs, optimizer):
     """One optimizer's finished runs on one model: (the best by final val loss, a line listing the sweep)."""
     done = [r for r in runs if r["optimizer"] == optimizer and r.get("final_val") is not None]
@@ -255,6 +261,12 @@ def sweep(runs, optimizer):
     return best, line
 
 
+# Step time is compared at equal steps and batch, against the mean over that model's AdamW runs: the lr does not
+# change the work of a step, so averaging the AdamW arms only lowers the run-to-run noise of the reference.
+# Sophia's extra time comes in two parts: the Hessian refresh every k steps (an extra forward + backward of one
+# micro-batch), spread here over its k steps, and its ordinary step against AdamW's (the optimizer step itself).
+# Muon's extra time is all in its optimizer step (momentum, Newton-Schulz, the updates): the difference of the
+# two runs' step times, as a share of AdamW's whole training step, is what the issue bounds at 5%.
 def step_cost_line(r, ref_mean, ref_med):
     """What a Muon or Sophia run's steps cost against the same model's AdamW runs."""
     over = r["mean_ms"] / ref_mean - 1
@@ -272,6 +284,10 @@ def step_cost_line(r, ref_mean, ref_med):
                   f"median {r['med_ms']:.1f} vs {ref_med:.1f} ms).")
 
 
+# The bar reads "reach AdamW's best final loss with <= 70% of the tokens and <= 80% of the wall-clock": the first
+# point where Muon's (linearly interpolated) validation curve comes down to that loss, as a fraction of what the
+# AdamW run spent to get there at its end. The wall-clock fraction is the tighter one when Muon's steps cost more.
+# With evaluations every 50 steps the crossing is interpolated, so it is good to about one interval (5%).
 def muon_bar(muon, adamw):
     """Issue #20's bar: tokens and wall-clock the best Muon run needs to reach the best AdamW's final loss."""
     target = adamw["final_val"]
@@ -291,6 +307,9 @@ def muon_bar(muon, adamw):
     return bar
 
 
+# Equal tokens answers "which optimizer learns more from the same data"; equal wall-clock answers "which gives the
+# lower loss for the same GPU time" and charges each optimizer its step cost. Both are reported, for the best run
+# of each optimizer only (a line per run would bury the answer in the sweep).
 def compare_model(runs):
     """One model: each sweep and its best; every other run's step time against AdamW's; the best Muon and the best
     Sophia against the best AdamW at equal tokens and at equal wall-clock; the Muon bar."""
@@ -327,6 +346,8 @@ def compare(runs):
 
 
 # ---- reporting --------------------------------------------------------------------------------------------------
+# The table's "recipe" column is read back from each run's own resolved config (run_config.json), not from the
+# flags the study meant to pass: what a row says is what that run did.
 def recipe(r, flags):
     c = r["config"]
     if not c:
@@ -435,6 +456,9 @@ def report(runs, args, flags):
     return cmp
 
 
+# Every mistake in the arguments is found here, before any run starts or any result is written: an unknown arm or
+# model, a --stamp_from file that is not there, or --plot_only over a folder that holds none of the runs asked for
+# (which would otherwise write an empty table over the real results).
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data_dir", default="data/openstax_gpt2")
@@ -469,6 +493,9 @@ def parse_args(argv):
     return args
 
 
+# Runs go model by model, each model's arms in ARMS's order, so a budget that runs out cuts the least needed
+# runs. status.json outlives one invocation: a study run in slices (one 10-minute call each) keeps every slice's
+# statuses, and the final --plot_only reads them all; a run repeated later replaces its own entry only.
 def run_all(args, status, status_path):
     """Every (model, arm) in order within one time budget; status[model/arm] says how each ended."""
     flags, start = dict(ARMS), time.time()
@@ -489,6 +516,8 @@ def run_all(args, status, status_path):
             json.dump(status, f, indent=1)
 
 
+# Rows: with --plot_only, only the runs that exist (a metrics file) or were tried (a status entry): the default
+# --runs names every arm, and arms never run are not rows. Otherwise every run asked for, finished or not.
 def main(argv=None):
     args = parse_args(argv)
     status_path = os.path.join(args.out_root, "status.json")
