@@ -49,6 +49,9 @@ The optimizer, per 2-D parameter W with gradient g (fp32 momentum buffer m, μ =
     O ← NewtonSchulz₅(u)                      ≈ U Vᵀ of u, in bf16
     W ← W·(1 − lr·wd) − lr·max(1, rows/cols)^0.5·O      decoupled weight decay (Loshchilov & Hutter), as AdamW's
 
+The decay is lr·wd per step with Muon's own lr: at lr 0.02 and wd 0.1 that is 0.2% a step, 33x AdamW's 6e-4·0.1
+(Moonlight found decay necessary at scale; nanochat's default is none), so the study has an arm without it.
+
 Muon is for the matrices inside the transformer blocks only. The embedding is a lookup table (one row per token,
 not a linear map of a vector space), the head's rows are as many classifiers as tokens, and gains (RMSNorm) are
 vectors: those go to AdamW, which this optimizer runs too (torch's fused kernel on CUDA), with its own lr.
@@ -182,11 +185,11 @@ def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16):
     if g.ndim not in (2, 3):
         raise ValueError(f"newton_schulz: expected a matrix or a stack of matrices, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype) if g.ndim == 3 else g.to(dtype)[None]
-    tall = x.size(-2) > x.size(-1)
+    x = g if g.ndim == 3 else g[None]
+    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)).to(dtype)  # ‖·‖₂ <= ‖·‖_F: every s <= 1 (in g's
+    tall = x.size(-2) > x.size(-1)                                       # precision, then rounded once)
     if tall:
         x = x.mT  # iterate on the wide orientation: A = X Xᵀ is the smaller Gram matrix
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)  # spectral norm <= Frobenius norm: every s <= 1
     for _ in range(steps):
         A = gram(x)                          # X Xᵀ                 (symmetric)
         B = gram(A, alpha=c, beta=b, c=A)    # c·A Aᵀ + b·A = b·A + c·A²   (symmetric, since A is)
@@ -225,6 +228,8 @@ def _check_group(group):
     if group["kind"] == "muon":
         if not 0.0 <= group["momentum"] < 1.0:
             raise ValueError(f"Muon: invalid momentum {group['momentum']} (must be in [0, 1))")
+        if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
+            raise ValueError(f"Muon: invalid ns_steps {group['ns_steps']!r} (a whole number of iterations, >= 1)")
     else:
         beta1, beta2 = group["betas"]
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
