@@ -99,8 +99,12 @@ if HAS_TRITON:
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of φ(s) = a·s + b·s³ + c·s⁵ (Jordan)
 NS_STEPS = 5
 NS_EPS = 1e-7      # X₀ = G / (‖G‖_F + ε)
-BLOCK = 128        # output tile (BLOCK x BLOCK) of the Gram kernel; square, so a tile and its mirror match
-BLOCK_K = 64       # reduction chunk
+# The Gram kernel's tiles: (BLOCK, BLOCK_K, num_warps, num_stages). BLOCK x BLOCK is the output tile (square, so a
+# tile and its mirror match), BLOCK_K the reduction chunk. On a GPU triton.autotune times these once per (M, K,
+# dtype) at the first call (a few seconds, inside a run's first, compile-excluded step) and keeps the fastest; the
+# first one is a usual good choice for bf16 on an H100/H200 (2 x 128 x 64 x 2 B x 3 stages = 96 KB of shared
+# memory). The interpreter and the tests pass a fixed, small tile.
+GPU_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # The Triton kernel: out = alpha·X Xᵀ + beta·C for a stack of matrices, only the lower tiles computed
@@ -145,18 +149,27 @@ if HAS_TRITON:
             tl.store(o + rows_j[None, :] * stride_om + rows_i[:, None] * stride_on, out,
                      mask=valid & strictly_lower)
 
+    # the output depends only on the inputs (out is never read), so timing configs on the real call is safe
+    _gram_tuned = triton.autotune([triton.Config({"BLOCK": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                                   for b, k, w, s in GPU_CONFIGS], key=["M", "K"])(_gram_kernel)
 
-def gram_triton(x, alpha=1.0, beta=0.0, c=None, block=BLOCK, block_k=BLOCK_K):
-    """alpha·X Xᵀ + beta·C for X of shape (B, M, K) (any strides) and symmetric C (B, M, M); output (B, M, M)."""
+
+def gram_triton(x, alpha=1.0, beta=0.0, c=None, block=None, block_k=None):
+    """alpha·X Xᵀ + beta·C for X of shape (B, M, K) (any strides) and symmetric C (B, M, M); output (B, M, M).
+    block, block_k: a fixed tile (tests); by default autotuned on a GPU, 32 x 32 in the interpreter."""
     batch, m, k = x.shape
     out = torch.empty(batch, m, m, device=x.device, dtype=x.dtype)
     c_arg = out if c is None else c  # not read when HAS_C is False
+    args = (x, c_arg, out, m, k, float(alpha), float(beta), *x.stride(), *c_arg.stride(), *out.stride())
+    flags = dict(HAS_C=c is not None, PRECISION="ieee" if x.dtype == torch.float32 or interpreting() else "tf32",
+                 UPCAST=interpreting() and x.dtype == torch.bfloat16)
+    if block is None and not interpreting():
+        _gram_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK"]), triton.cdiv(m, meta["BLOCK"]), batch)](*args, **flags)
+        return out
+    block, block_k = block or 32, block_k or 32
     tiles = triton.cdiv(m, block)
-    _gram_kernel[(tiles, tiles, batch)](
-        x, c_arg, out, m, k, float(alpha), float(beta), *x.stride(), *c_arg.stride(), *out.stride(),
-        HAS_C=c is not None, BLOCK=block, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 or interpreting() else "tf32",
-        UPCAST=interpreting() and x.dtype == torch.bfloat16, num_warps=8 if block >= 128 else 4, num_stages=3)
+    _gram_kernel[(tiles, tiles, batch)](*args, BLOCK=block, BLOCK_K=block_k, **flags,
+                                        num_warps=8 if block >= 128 else 4, num_stages=3)
     return out
 
 
