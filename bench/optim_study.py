@@ -46,9 +46,12 @@ For Muon this is what its optimizer step costs beyond fused AdamW's, as a share 
 
 Cost and how to run it
 ----------------------
-A full run is 2 models x 12 arms x 1000 steps: on an H200 about 100 s per gpt2_124m run and 150-180 s per
-lille_130m run (compilation included), ~55 minutes in all. Every invocation adds its runs to --out_root, so a
-machine with a 10-minute limit runs it in slices and analyses everything at the end:
+A full run is 2 models x 12 arms x 1000 steps x 32,768 tokens. Estimated from earlier logs, not yet measured at
+this budget: ~2 minutes per gpt2_124m run (437k tok/s on an H200 in bench/results/train_gpt2_124m_h200/, plus
+~30 s of compilation and evaluation) and ~3 minutes per lille_130m run (~270k tok/s on an H100 in
+sophia_study_h100/, ~50 s of compilation), about an hour in all. Every invocation adds its runs to --out_root, so
+a machine with a 10-minute limit runs it in slices (4 gpt2_124m runs or 3 lille_130m runs each) and analyses
+everything at the end:
 
     python bench/optim_study.py --models=gpt2_124m --runs=adamw_lr6e-4,muon_lr0.02,adamw_lr1.2e-3,muon_lr0.04 \\
         --total_budget=540                                   # one 10-minute call; $BENCH_OUT for results
