@@ -15,8 +15,9 @@ singular value). So ask for the step ΔW that lowers the loss most to first orde
 UVᵀ is G with every singular value set to 1, the "orthogonal part" (polar factor) of G. Reading it: SGD and Adam
 steps are dominated by a few large singular directions of G (the gradient of a matrix is a sum of outer products
 of a batch's activations and errors, and is nearly low rank); the orthogonalised step moves every direction G
-points at by the same amount, so the rare directions learn as fast as the common ones. This is what makes
-Muon reach a loss in fewer tokens than AdamW at this scale (modded-nanogpt: ~1.35x).
+points at by the same amount, so the rare directions learn as fast as the common ones. That is the account
+given for Muon reaching a loss in fewer tokens than AdamW (modded-nanogpt: ~1.35x); bench/optim_study.py
+measures it here.
 
 The quintic Newton-Schulz iteration (no SVD on the GPU)
 -------------------------------------------------------
@@ -62,7 +63,7 @@ Per step and matrix (m ≤ n): A = X Xᵀ (2m²n flops), A² (2m³), B X (2m²n)
 symmetric: X Xᵀ, and A·A = A·Aᵀ because A is symmetric. A symmetric m × m result has only m(m+1)/2 distinct
 entries, so `_gram_kernel` below computes only the tiles on and below the diagonal (tile row i ≥ tile column
 j) and writes each one twice, at (i, j) and transposed at (j, i). The programs above the diagonal exit at once.
-That does about half the flops of those two products: per step 3m²n + m³ instead of 4m²n + 2m³, e.g. 1.6x
+That does about half the flops of those two products: per step 3m²n + m³ instead of 4m²n + 2m³, e.g. 1.5x
 fewer for a square matrix. The same kernel does B = c·A Aᵀ + b·A in its epilogue (the tile of A it needs for
 b·A is the tile being written), so B never costs an extra pass over memory. The third product B X is not
 symmetric; torch.baddbmm does it with a·X fused in (one cuBLAS call). Matrices of one shape are stacked and
@@ -82,8 +83,6 @@ all-gathers the results (nanochat's distributed Muon splits the work the same wa
 every update: the state stays identical on all ranks, so rank 0's checkpoint is complete and resumes on any
 number of processes.
 """
-import math
-
 import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw as adamw_functional
@@ -199,8 +198,9 @@ def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16):
         raise ValueError(f"newton_schulz: expected a matrix or a stack of matrices, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFICIENTS
     x = g if g.ndim == 3 else g[None]
-    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)).to(dtype)  # ‖·‖₂ <= ‖·‖_F: every s <= 1 (in g's
-    tall = x.size(-2) > x.size(-1)                                       # precision, then rounded once)
+    # ‖X₀‖₂ <= ‖X₀‖_F = 1: every singular value at most 1. Normalised in g's precision, then rounded once
+    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)).to(dtype)
+    tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # iterate on the wide orientation: A = X Xᵀ is the smaller Gram matrix
     for _ in range(steps):
