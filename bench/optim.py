@@ -13,7 +13,15 @@ Two timings per row: `ms` is bench.common.time_ms (median of single calls, L2 fl
 single-step number, which includes any host time the GPU waits for), `ms pipelined` is ten calls back to back
 divided by ten (the host runs ahead, as it does in training). `host us` is the Python/launch time of one call.
 
+Muon (kernels/muon.py) is timed on the real gpt2_124m model (config/gpt2_124m.py): its step is Nesterov momentum
+and 5 bf16 Newton-Schulz iterations for the 48 block matrices (stacked by shape: 12 each of 2304x768, 768x768,
+4096x768, 768x2048; ~1.5 TFLOP a step at full price) plus fused AdamW for the embedding and the gains. It is not
+bandwidth-bound, so it has no GB/s. The issue's bar is that the Muon step costs <= 5% of a training step: the
+script times one gpt2_124m training step too (nanoGPT's 32,768 tokens: 2 micro-batches of 16 x 1024, compiled,
+bf16 autocast, forward + backward + fused AdamW step) and reports (Muon step - AdamW step) / that step.
+
 Run from the repository root:  python bench/optim.py     (results in bench/results/, or $BENCH_OUT)
+                               python bench/optim.py --no_train_step    (skips the ~1 minute of compilation)
 """
 import os
 import sys
@@ -25,6 +33,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from bench.common import RESULTS_DIR, copy_bandwidth_gbs, gpu_name, time_ms, write_results  # noqa: E402
+from kernels.muon import Muon  # noqa: E402
 from kernels.sophia import SophiaG  # noqa: E402
 
 DEVICE = "cuda"
@@ -41,6 +50,18 @@ def param_groups(params):
     """Weight decay on the matrices, not on the norm weights: the usual two groups."""
     return [dict(params=[p for p in params if p.ndim >= 2], weight_decay=0.1),
             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+
+
+def with_twin(kernel, fn):
+    """fn run with `kernel`'s PyTorch twin forced (for Muon: the Newton-Schulz products by torch.bmm / baddbmm),
+    then the default switch restored."""
+    def wrapped():
+        kernels.set_backend(f"auto,{kernel}=torch")
+        try:
+            fn()
+        finally:
+            kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
+    return wrapped
 
 
 def pipelined_ms(fn, calls=10, reps=10):
@@ -68,7 +89,8 @@ def host_us(fn, calls=20):
     return (t1 - t0) / calls * 1e6
 
 
-def main():
+def main(argv=None):
+    train_step = "--no_train_step" not in (sys.argv[1:] if argv is None else argv)
     assert torch.cuda.is_available(), "bench/optim.py needs a CUDA GPU"
     torch.manual_seed(0)
     shapes = gpt2_124m_shapes()
@@ -87,15 +109,7 @@ def main():
     adamw_fused = torch.optim.AdamW(param_groups(params), lr=6e-4, fused=True)
     adamw_foreach = torch.optim.AdamW(param_groups(params), lr=6e-4, foreach=True)
 
-    def twin(fn):  # run fn with the PyTorch twin forced, then restore the default switch
-        def wrapped():
-            kernels.set_backend("auto,sophia=torch")
-            try:
-                fn()
-            finally:
-                kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
-        return wrapped
-
+    twin = lambda fn: with_twin("sophia", fn)
     cases = [  # (name, callable, bytes per parameter)
         ("SophiaG step, Triton (ours)", lambda: ours.step(bs=bs), 24),
         ("AdamW fused=True", adamw_fused.step, 28),
@@ -117,6 +131,9 @@ def main():
         gbs = bytes_per_param * n / (ms * 1e-3) / 1e9
         measured[name] = (ms, ms_pipe)
         rows.append([name, ms, ms_pipe, host_us(fn), gbs, 100 * gbs / copy_gbs])
+    muon_rows, muon_notes = muon_cases(train_step)
+    rows += muon_rows
+    measured.update({row[0]: (row[1], row[2]) for row in muon_rows})
     ref_ms, ref_pipe = measured["AdamW fused=True"]
     for row in rows:
         row += [row[1] / ref_ms, row[2] / ref_pipe]
@@ -125,12 +142,62 @@ def main():
     notes = (f"GPT-2 124M parameter list: {len(shapes)} tensors, {n / 1e6:.1f}M fp32 parameters, two groups "
              f"(decay / no decay). Copy bandwidth of this GPU: {copy_gbs:.0f} GB/s. GB/s counts the bytes each "
              f"optimizer must move (Sophia step 24 B/param, AdamW 28, Hessian EMA 12).\n"
-             f"SophiaG step / fused AdamW = {ratio:.3f} (target <= 0.9; bandwidth-perfect would be 0.857).")
+             f"SophiaG step / fused AdamW = {ratio:.3f} (target <= 0.9; bandwidth-perfect would be 0.857).\n"
+             + muon_notes)
     header = ["implementation", "ms", "ms pipelined", "host us", "GB/s", "% of copy", "x fused AdamW",
               "x fused AdamW (pipelined)"]
     path = write_results("optim", header, rows, notes)
     plot(rows, os.path.join(RESULTS_DIR, "optim.png"))
     print(f"wrote {path}")
+
+
+def muon_cases(train_step):
+    """Muon's step on the real gpt2_124m (Triton Gram kernel vs its twin), fused AdamW on the same model, and
+    optionally one training step of it. Returns (rows, a note on the <= 5% bar)."""
+    from configurator import read_config_file
+    from model import GPT, GPTConfig
+    preset = read_config_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           "config", "gpt2_124m.py"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})).to(DEVICE)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    muon = Muon(model, lr=0.02, adamw_lr=6e-4)
+    adamw = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
+
+    rows, ms = [], {}
+    for name, fn in (("Muon step (gpt2_124m: Triton Gram kernel + fused AdamW part)", muon.step),
+                     ("Muon step (gpt2_124m: PyTorch twin + fused AdamW part)", with_twin("muon", muon.step)),
+                     ("AdamW fused=True (gpt2_124m, all parameters)", adamw.step)):
+        fn()
+        ms[name] = time_ms(fn, reps=20)
+        rows.append([name, ms[name], pipelined_ms(fn), host_us(fn), "-", "-"])
+    muon_ms, adamw_ms = rows[0][1], rows[2][1]
+    note = (f"Muon step (Triton) {muon_ms:.2f} ms, twin {rows[1][1]:.2f} ms, fused AdamW on the same model "
+            f"{adamw_ms:.2f} ms.")
+    if train_step:
+        step_ms = training_step_ms(model, adamw)
+        share = (muon_ms - adamw_ms) / step_ms
+        note += (f" One gpt2_124m training step (32,768 tokens, compiled, bf16, with fused AdamW): {step_ms:.1f} ms; "
+                 f"Muon's extra cost is **{share:.1%}** of it (bar <= 5%: {'meets' if share <= 0.05 else 'misses'}).")
+    return rows, note
+
+
+def training_step_ms(model, optimizer, micro_batches=2, batch=16, block=1024):
+    """Median ms of one compiled training step: forward + backward of the micro-batches, then the optimizer."""
+    compiled = torch.compile(model)
+    x = torch.randint(0, model.config.vocab_size, (micro_batches, batch, block), device=DEVICE)
+
+    def step():
+        for i in range(micro_batches):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = compiled(x[i], x[i])
+            (loss / micro_batches).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(3):  # compile, then warm up
+        step()
+    return time_ms(step, reps=10, warmup=2, flush_l2=False)
 
 
 def plot(rows, path):
