@@ -222,3 +222,37 @@ def small_vocab_shards(src_dir, out_dir, vocab=512):
             write_shard(os.path.join(out_dir, os.path.basename(p)), rank[np.asarray(tokens, dtype=np.int64)],
                         vocab, eot=int(rank[info["eot"]]))
     return out_dir
+
+
+@pytest.mark.slow
+def test_lrc_student_beats_the_scratch_student_at_equal_tokens(sample_data_dir, tmp_path):
+    """A 2-layer d=128 teacher trained 300 steps; students of d=48 (the teacher's heads and FFN width), 100 steps
+    of 512 tokens each, the same data order and learning rate. Measured on 2 CPU cores (2026-12-01): teacher
+    2.90, scratch 3.18, LRC 2.94; LRC passed scratch's final loss by step 50, half the tokens."""
+    import train
+    from configurator import configure
+    data = small_vocab_shards(sample_data_dir, str(tmp_path / "data512"))
+    common = ["--block_size=64", "--batch_size=8", "--total_batch_tokens=512", "--compile=False", "--eval_iters=8",
+              f"--data_dir={data}", "--device=cpu", "--warmup_iters=10", "--log_interval=1000"]
+    student = ["--max_iters=100", "--eval_interval=50", "--learning_rate=1e-2", "--min_lr=3e-4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these tiny matmuls run faster on one thread than on two that compete
+    try:
+        train.train(configure(train.DEFAULTS, common + [
+            "--n_layer=2", "--n_embd=128", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=384", "--vocab_size=512",
+            "--tokenizer=rank512", f"--out_dir={tmp_path / 'teacher'}", "--max_iters=300", "--eval_interval=300",
+            "--learning_rate=3e-3", "--min_lr=3e-4"]))
+        train.train(configure(train.DEFAULTS, common + student + [
+            "--n_layer=2", "--n_embd=48", "--n_head=4", "--n_kv_head=2", "--head_dim=32", "--ffn_hidden=384",
+            "--vocab_size=512", "--tokenizer=rank512", f"--out_dir={tmp_path / 'scratch'}"]))
+        distill.main(common + student + [f"--teacher={tmp_path / 'teacher'}", "--n_embd=48",
+                                         f"--out_dir={tmp_path / 'lrc'}"])
+    finally:
+        torch.set_num_threads(threads)
+
+    def val(run_dir):
+        rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+        return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    scratch, lrc = val(tmp_path / "scratch"), val(tmp_path / "lrc" / "distill")
+    assert lrc[100] < scratch[100] - 0.1, (lrc, scratch)
+    assert lrc[50] < scratch[100], (lrc, scratch)   # at half the student tokens
