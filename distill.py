@@ -55,6 +55,7 @@ ordinary randomly initialised student) and train.py with the same shape (from sc
 has the commands.
 """
 import copy
+import filecmp
 import json
 import os
 import sys
@@ -326,13 +327,19 @@ def load_teacher(spec):
     return model.float(), run
 
 
+def same_tokenizer(a, b):
+    """A tiktoken name, or a tokenizer file (a Hugging Face teacher's tokenizer.json): the same name, or two paths
+    to files with the same bytes."""
+    return a == b or (os.path.isfile(a) and os.path.isfile(b) and filecmp.cmp(a, b, shallow=False))
+
+
 def resolve(cfg, teacher_config, teacher_run):
     """Fill cfg's student shape and tokenizer from the teacher, checking what LRC cannot change. Returns the
     student's GPTConfig; cfg then carries its fields (train.py builds and checkpoints from them)."""
     config = student_config(teacher_config, **{k: cfg[k] for k in CLONED + ("n_embd", "block_size", "norm_eps")})
     cfg.update({k: getattr(config, k) for k in TRAIN_DEFAULTS if hasattr(config, k)})
     t_tok = teacher_run.get("tokenizer", "gpt2")
-    if cfg["tokenizer"] and cfg["tokenizer"] != t_tok:
+    if cfg["tokenizer"] and not same_tokenizer(cfg["tokenizer"], t_tok):
         raise ValueError(f"tokenizer='{cfg['tokenizer']}' but the teacher '{cfg['teacher']}' was trained with "
                          f"'{t_tok}': teacher and student must share one vocabulary")
     cfg["tokenizer"] = t_tok
@@ -340,7 +347,7 @@ def resolve(cfg, teacher_config, teacher_run):
     if os.path.isfile(meta_path):  # shards record their tokenizer: a teacher of another vocabulary cannot teach on them
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta.get("tokenizer", t_tok) != t_tok:
+        if not same_tokenizer(meta.get("tokenizer", t_tok), t_tok):
             raise ValueError(f"{meta_path}: the shards were tokenized with '{meta['tokenizer']}' but the teacher "
                              f"uses '{t_tok}'")
     if cfg["free_student"] and cfg["clone_weight"] > 0:

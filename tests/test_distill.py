@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
-from conftest import TINY_TEST_MODEL
+from conftest import ROOT, TINY_TEST_MODEL
 from distill import LRCStudent, student_config
 from model import GPT, GPTConfig, load_checkpoint
 
@@ -256,3 +256,23 @@ def test_lrc_student_beats_the_scratch_student_at_equal_tokens(sample_data_dir, 
     scratch, lrc = val(tmp_path / "scratch"), val(tmp_path / "lrc" / "distill")
     assert lrc[100] < scratch[100] - 0.1, (lrc, scratch)
     assert lrc[50] < scratch[100], (lrc, scratch)   # at half the student tokens
+
+
+# ---- the recipes -------------------------------------------------------------------------------------------------
+def test_recipes_resolve_to_the_shapes_they_promise():
+    from configurator import read_config_file
+    # Llama-3.2-3B-Instruct's config.json, in GPTConfig's words: LRC-1.5B is its clone at d = 1536
+    llama_3b = GPTConfig(n_layer=28, n_embd=3072, n_head=24, n_kv_head=8, head_dim=128, ffn_hidden=8192,
+                         rope_theta=500000.0, vocab_size=128256, vocab_pad_multiple=128, block_size=131072)
+    def preset(name):
+        return read_config_file(os.path.join(ROOT, "config", name))
+    recipe, small = preset("distill_lrc_1p5b.py"), preset("distill_small.py")
+    assert student_config(llama_3b, **recipe) == GPTConfig.from_dict(preset("lrc_1p5b.py"))
+    # the small recipe: a third of gpt2_124m's non-embedding weights
+    gpt2 = GPTConfig.from_dict(preset("gpt2_124m.py"))
+
+    def non_embedding(cfg):
+        with torch.device("meta"):
+            m = GPT(cfg)
+        return m.num_params() - cfg.vocab_size * cfg.n_embd
+    assert non_embedding(student_config(gpt2, **small)) * 3 == non_embedding(gpt2)
