@@ -201,13 +201,18 @@ class LRCStudent(nn.Module):
         return self
 
     # ---- the student's weights ----------------------------------------------------------------------------
+    @property
+    def qkv_widths(self):
+        """c_attn's output [q | k | v]: Hq*D, Hkv*D, Hkv*D, the teacher's and the student's alike."""
+        c = self.config
+        return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+
     def student_weights(self):
         """Every weight of the student's GPT, by model.py's names, as teacher weight x projection (fp32
         products: the teacher may be held in bf16, the projections are fp32; under autocast they run bf16)."""
         if self.free_student:
             return dict(self.student.state_dict(keep_vars=True))
         t, c = self.teacher, self.config
-        split_attn = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
 
         def inp(w, p):   # input side: W_t P
             return w.type_as(p) @ p
@@ -218,7 +223,7 @@ class LRCStudent(nn.Module):
         if c.pos == "learned":
             w["wpe.weight"] = inp(t.wpe.weight, self.p_emb)
         for i, (block, p) in enumerate(zip(t.blocks, self.layers)):
-            q, k, v = block.attn.c_attn.weight.split(split_attn)
+            q, k, v = block.attn.c_attn.weight.split(self.qkv_widths)
             fc = block.mlp.c_fc.weight  # SwiGLU packs [gate | up]; a plain MLP has up only
             fc_s = (torch.cat([inp(h, p[k]) for h, k in zip(fc.chunk(2), ("gate", "up"))]) if c.mlp == "swiglu"
                     else inp(fc, p["up"]))
@@ -275,12 +280,10 @@ class LRCStudent(nn.Module):
 
     def clone_loss(self, s, t):
         """Sum over layers of MSE(student activation, teacher activation [x P where the widths differ])."""
-        c = self.config
-        split_attn = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-        total = 0.0
+        total, qkv = 0.0, self.qkv_widths
         for i, p in enumerate(self.layers):
-            pairs = list(zip(s[i, "attn.c_attn"].split(split_attn, -1), t[i, "attn.c_attn"].split(split_attn, -1)))
-            if c.mlp == "swiglu":  # [gate | up], as model.py packs them
+            pairs = list(zip(s[i, "attn.c_attn"].split(qkv, -1), t[i, "attn.c_attn"].split(qkv, -1)))
+            if self.config.mlp == "swiglu":  # [gate | up], as model.py packs them
                 pairs += zip(s[i, "mlp.c_fc"].chunk(2, -1), t[i, "mlp.c_fc"].chunk(2, -1))
             else:
                 pairs.append((s[i, "mlp.c_fc"], t[i, "mlp.c_fc"]))
@@ -313,7 +316,7 @@ class LRCStudent(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 def load_teacher(spec):
-    """A nanoforge checkpoint (run folder or .pt file) or hf:<folder> -> (GPT on the CPU in fp32, its run config)."""
+    """A nanoforge checkpoint (run folder or .pt file) or hf:<folder> -> (GPT on the CPU, its run config)."""
     if not spec:
         raise ValueError("teacher is not set: --teacher=out/<run> (a nanoforge checkpoint) or --teacher=hf:<folder>")
     if spec.startswith("hf:"):
@@ -324,7 +327,7 @@ def load_teacher(spec):
         model, run = load_hf_model(spec[3:], "cpu")
     else:
         model, run = load_checkpoint(spec, "cpu")
-    return model.float(), run
+    return model, run
 
 
 def same_tokenizer(a, b):
@@ -386,8 +389,8 @@ def main(argv):
     teacher_model, teacher_run = load_teacher(cfg["teacher"])
     config = resolve(cfg, teacher_model.config, teacher_run)
     want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
-    if want_cuda:  # the teacher only runs forward: bf16 halves its memory (autocast would round it anyway)
-        teacher_model = teacher_model.to(torch.bfloat16)
+    # the teacher only runs forward: on a GPU bf16 halves its memory (autocast would round it anyway)
+    teacher_model = teacher_model.to(torch.bfloat16 if want_cuda else torch.float32)
     model = LRCStudent(teacher_model, config, cfg["clone_weight"], cfg["kl_temperature"], cfg["free_student"],
                        cfg["seed"])
     master = int(os.environ.get("RANK", "0")) == 0
