@@ -326,7 +326,15 @@ def load_teacher(spec):
             raise ValueError(f"teacher='{spec}': Hugging Face teachers need hf.py ({e})") from e
         model, run = load_hf_model(spec[3:], "cpu")
     else:
-        model, run = load_checkpoint(spec, "cpu")
+        file = os.path.join(spec, "ckpt.pt") if os.path.isdir(spec) else spec
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"teacher='{spec}': no checkpoint at {file}")
+        # a distillation state (projections, not weights) is not a model: say so rather than fail on its keys
+        peek = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        if isinstance(peek, dict) and "teacher_signature" in peek.get("model", {}):
+            raise ValueError(f"teacher='{spec}' is distill.py's training state; its student is "
+                             f"{os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(file))), 'ckpt.pt')}")
+        model, run = load_checkpoint(file, "cpu")
     return model, run
 
 

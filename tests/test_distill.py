@@ -176,6 +176,8 @@ def test_driver_writes_an_ordinary_checkpoint_and_resumes_exactly(sample_data_di
     assert sorted(a) == [1, 2, 3, 4] and a == b  # loss for loss, bit for bit
     gpt, cfg = load_checkpoint(str(tmp_path / "a"))  # what chat.py, eval.py, sft.py and export.py call
     assert gpt.config == straight.config and cfg["tokenizer"] == "gpt2" and cfg["distilled_from"] == teacher_ckpt
+    with pytest.raises(ValueError, match="is distill.py's training state; its student is"):
+        distill.load_teacher(str(tmp_path / "a" / "distill"))
     idx = torch.randint(0, 50257, (1, 32))
     straight.eval()
     torch.testing.assert_close(gpt(idx)[0], straight(idx)[0], rtol=1e-6, atol=1e-6)
@@ -202,6 +204,8 @@ def test_driver_names_shards_of_another_tokenizer(sample_data_dir, teacher_ckpt,
         distill.main(distill_args(str(data), teacher_ckpt, tmp_path / "x", "--max_iters=1"))
     with pytest.raises(ValueError, match="teacher is not set"):
         distill.main(distill_args(sample_data_dir, "", tmp_path / "x", "--max_iters=1"))
+    with pytest.raises(FileNotFoundError, match="teacher='nowhere': no checkpoint"):
+        distill.main(distill_args(sample_data_dir, "nowhere", tmp_path / "x", "--max_iters=1"))
 
 
 # ---- slow: LRC against a student trained from scratch, on OpenStax ----------------------------------------------
