@@ -11,16 +11,17 @@
 #   teacher, bf16 weights                         3.21B x 2 B                        =  6.4 GB
 #   projections: 7 x 3072 x 1536 a layer x 28 + the embedding's = 929M, fp32 weights + grads + AdamW's two moments
 #                                                 929M x 16 B                        = 14.9 GB
-#   the student's weights, made each step (bf16, kept for backward): 1.61B x 2 B   ~  3.2 GB
+#   the student's weights, made each micro-batch (bf16, kept for backward): 1.61B x 2 B ~ 3.2 GB
 #   activations per token: the student's for backward ~3 MB (28 layers: q/k/v 5120, o, gate/up 16384, down, ...
 #   in bf16), the teacher's recorded clone points 1.55 MB (27.6k values x 2 B x 28), the logits' fp32 softmaxes
 #   for CE and KL ~3 MB (128,256 x ~24 B)          ~7.5 MB x 3 x 2048 tokens           ~ 46 GB
 #                                                                              total ~ 71 GB of an 80 GB GPU
 # (the reference ran micro-batch 3 on H800s under DeepSpeed). Short of memory: --batch_size=1 keeps 49,152 tokens a
 # step through 3 micro-steps (1 x 2048 x 8 GPUs x 3), activations ~15 GB.
-# Compute: ~17 GFLOP a token (student fwd+bwd 6 x 1.6B, teacher forward 2 x 3.2B, weight products ~0.5), so
-# 10B tokens = 1.7e20 FLOP: ~15 hours on 8 H100s at 40% MFU. Checkpoints of the state: ~11 GB (fp32 projections
-# and moments); the student's ckpt.pt: 6.4 GB fp32.
+# Compute per token: student fwd+bwd 6 x 1.6B = 9.6 GFLOP, teacher forward 2 x 3.2B = 6.4, and the weight
+# products W_t P, made again for every micro-batch: 6 x d_s x 3.2B = 29.5 TFLOP per 3 x 2048 tokens = 4.8 GFLOP
+# (a larger micro-batch amortises them). ~21 GFLOP a token, 10B tokens = 2.1e20 FLOP: ~18 hours on 8 H100s at
+# 40% MFU. Checkpoints of the state: ~11 GB (fp32 projections and moments); the student's ckpt.pt: 6.4 GB fp32.
 teacher = "hf:../models/Llama-3.2-3B-Instruct"
 data_dir = "data/fineweb_edu_llama3"
 out_dir = "out/distill_lrc_1p5b"
