@@ -35,8 +35,8 @@ compared as they are. o and down live in d_s in the student, so the teacher's ar
     MSE(o_s, o_t P_o),   MSE(down_s, down_t P_down)       o_s = y_s W_o^T P_o, so o_s = o_t P_o when y_s = y_t
 
 i.e. every layer is asked to be the teacher's layer seen through P. (The reference code compares attention's
-output in d_t, before P_o; here o is treated as down is, the same mapping for both.) The FFN's signals are the paper's point: they
-carry most of a layer's weights and, in other distillation methods, go unused.
+output in d_t, before P_o; here o is treated as down is, the same mapping for both.) The FFN's signals are the
+paper's point: they carry most of a layer's weights and, in other distillation methods, go unused.
 Weights: alpha = 0.2 and T = 40 in the LRC-1.5B recipe. The reference code reduces the KL with "batchmean" (summed
 over a row's 2048 positions): per token a factor 2048, close to T^2 = 1600 at T = 40. We write the conventional
 T^2 (Hinton et al. 2015), which keeps the term's gradient the same size whatever T.
