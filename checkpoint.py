@@ -88,6 +88,10 @@ def load_model(path, device="cpu"):
         return model.eval(), config
     from model import GPT, GPTConfig
     ckpt = load(path)
+    if "teacher_signature" in ckpt["model"]:  # distill.py's resumable state: projections, not a model
+        student = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(find(path)))), "ckpt.pt")
+        raise ValueError(f"{find(path)} is distill.py's training state (projections of a teacher), not a model; "
+                         f"the distilled student is {student}")
     model = GPT(GPTConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]

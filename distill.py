@@ -67,11 +67,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import checkpoint
 from configurator import configure, script_defaults
 from kernels.rope import rope_tables
-from model import GPT, GPTConfig, load_checkpoint, sinusoidal_table
+from model import GPT, GPTConfig, sinusoidal_table
 from train import DEFAULTS as TRAIN_DEFAULTS
-from train import save_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation defaults, on top of train.py's (config/distill_*.py and --key=value override them).
@@ -318,26 +318,14 @@ class LRCStudent(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 def load_teacher(spec):
-    """A nanoforge checkpoint (run folder or .pt file) or hf:<folder> -> (GPT on the CPU, its run config)."""
+    """A nanoforge checkpoint (run folder or .pt file) or hf:<folder> -> (GPT on the CPU, its run config), through
+    checkpoint.py, the one resolver (it also refuses distill.py's own training state as a teacher)."""
     if not spec:
         raise ValueError("teacher is not set: --teacher=out/<run> (a nanoforge checkpoint) or --teacher=hf:<folder>")
-    if spec.startswith("hf:"):
-        try:
-            from hf import load_hf_model  # the Hugging Face interop chapter; imported only when asked for
-        except ImportError as e:
-            raise ValueError(f"teacher='{spec}': Hugging Face teachers need hf.py ({e})") from e
-        model, run = load_hf_model(spec[3:], "cpu")
-    else:
-        file = os.path.join(spec, "ckpt.pt") if os.path.isdir(spec) else spec
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"teacher='{spec}': no checkpoint at {file}")
-        # a distillation state (projections, not weights) is not a model: say so rather than fail on its keys
-        peek = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        if isinstance(peek, dict) and "teacher_signature" in peek.get("model", {}):
-            raise ValueError(f"teacher='{spec}' is distill.py's training state; its student is "
-                             f"{os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(file))), 'ckpt.pt')}")
-        model, run = load_checkpoint(file, "cpu")
-    return model, run
+    try:
+        return checkpoint.load_model(spec, "cpu")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"teacher='{spec}': {e}") from None
 
 
 def same_tokenizer(a, b):
@@ -373,32 +361,18 @@ def resolve(cfg, teacher_config, teacher_run):
 
 
 def run_training(cfg, model):
-    """The one place where distill.py reaches into train.py. train.train(cfg) builds its model itself, as
-    GPT(GPTConfig(...)) from cfg's architecture keys; for this call only, that constructor is replaced by one
-    that hands back the LRCStudent built here (after checking it was asked for the student's shape). Everything
-    else, from the data windows to exact resume, is train.py's. With a `train.train(cfg, model=...)` hook in
-    train.py this function becomes that one call."""
+    """The one place where distill.py reaches into train.py: its loop trains the LRCStudent built here (train()'s
+    model hook checks it has the student's shape). Everything else, from the data windows to exact resume, is
+    train.py's."""
     import train
-
-    def build(config):
-        if config != model.config:
-            raise ValueError(f"train.py asked for {config}, but the distillation student is {model.config}")
-        return model
-    train.GPT, original = build, train.GPT
-    try:
-        trained = train.train(cfg)
-    finally:
-        train.GPT = original
-    if trained is not model:
-        raise RuntimeError("train.train did not train the model distill.py built: its model hook has changed")
-    return trained
+    return train.train(cfg, model=model)
 
 
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     teacher_model, teacher_run = load_teacher(cfg["teacher"])
     config = resolve(cfg, teacher_model.config, teacher_run)
-    want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    want_cuda = checkpoint.pick_device(cfg["device"]).type == "cuda"
     # the teacher only runs forward: on a GPU bf16 halves its memory (autocast would round it anyway)
     teacher_model = teacher_model.to(torch.bfloat16 if want_cuda else torch.float32)
     model = LRCStudent(teacher_model, config, cfg["clone_weight"], cfg["kl_temperature"], cfg["free_student"],
@@ -419,12 +393,11 @@ def write_student(model, cfg, student_dir):
     """The multiplied-out student as an ordinary checkpoint: model.load_checkpoint, chat.py, eval.py, sft.py's
     init_from and export.py read it like any of train.py's. Step and validation loss come from the state
     train.py saved last, the config is the run's (the student's shape, its tokenizer)."""
-    state = torch.load(os.path.join(student_dir, "distill", "ckpt.pt"), map_location="cpu", mmap=True,
-                       weights_only=False)
+    state = checkpoint.load(os.path.join(student_dir, "distill", "ckpt.pt"), mmap=True)
     gpt = model.to_gpt()
     payload = {"model": gpt.state_dict(), "config": {**cfg, "distilled_from": cfg["teacher"]},
                "step": state["step"], "best_val_loss": state["best_val_loss"]}
-    save_checkpoint(os.path.join(student_dir, "ckpt.pt"), payload)
+    checkpoint.save(os.path.join(student_dir, "ckpt.pt"), payload)
     print(f"student written to {os.path.join(student_dir, 'ckpt.pt')} (step {state['step']}); "
           f"resumable distillation state in {os.path.join(student_dir, 'distill')}")
 

@@ -270,9 +270,11 @@ def check_finite(run, step, first_bad, raw_model=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def train(cfg):
+def train(cfg, model=None):
     """Resolve, allocate (model, optimizer, data), then the loop. Returns the trained (uncompiled) model; after
-    SIGINT / SIGTERM, once saved, exits the process with 128 + signal (130 / 143) so a scheduler sees it."""
+    SIGINT / SIGTERM, once saved, exits the process with 128 + signal (130 / 143) so a scheduler sees it.
+    model: a module built by the caller instead of GPT(run's architecture) -- distill.py's LRC student. It must
+    carry the same GPTConfig (it is checked) and GPT's contract: (logits, loss) = model(x, y, doc_starts=...)."""
     run = resolve(cfg)
     if run.ddp:  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK; NCCL between GPUs, gloo between CPU processes
         dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
@@ -283,7 +285,9 @@ def train(cfg):
     lock = checkpoint.lock_run_folder(run.out_dir) if run.master else None  # one run per folder
     try:
         torch.manual_seed(run.seed)  # the same initial weights on every rank and in every rerun
-        raw_model = GPT(GPTConfig(**run.model))  # checkpoints save this one: names without compile/DDP prefixes
+        raw_model = model or GPT(GPTConfig(**run.model))  # checkpoints save this one: no compile/DDP prefixes
+        if raw_model.config != GPTConfig(**run.model):
+            raise ValueError(f"the model handed to train() is {raw_model.config}, the run asks for {run.model}")
         if run.ckpt is not None:
             raw_model.load_state_dict(run.ckpt["model"])
         model = raw_model.to(run.device)  # `model` is what runs (maybe compiled, DDP-wrapped); raw_model is saved

@@ -176,7 +176,7 @@ def test_driver_writes_an_ordinary_checkpoint_and_resumes_exactly(sample_data_di
     assert sorted(a) == [1, 2, 3, 4] and a == b  # loss for loss, bit for bit
     gpt, cfg = load_checkpoint(str(tmp_path / "a"))  # what chat.py, eval.py, sft.py and export.py call
     assert gpt.config == straight.config and cfg["tokenizer"] == "gpt2" and cfg["distilled_from"] == teacher_ckpt
-    with pytest.raises(ValueError, match="is distill.py's training state; its student is"):
+    with pytest.raises(ValueError, match="is distill.py's training state"):
         distill.load_teacher(str(tmp_path / "a" / "distill"))
     idx = torch.randint(0, 50257, (1, 32))
     straight.eval()
@@ -225,6 +225,8 @@ def small_vocab_shards(src_dir, out_dir, vocab=512):
             tokens, _, info = open_shard(p)
             write_shard(os.path.join(out_dir, os.path.basename(p)), rank[np.asarray(tokens, dtype=np.int64)],
                         vocab, eot=int(rank[info["eot"]]))
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:  # written last, as prepare_fineweb.py does
+        json.dump({"tokenizer": "rank512", "vocab_size": vocab, "eot": int(rank[info["eot"]])}, f)
     return out_dir
 
 
