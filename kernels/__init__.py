@@ -24,7 +24,7 @@ try:
 except Exception:  # ImportError, or a broken install: the twins still work
     HAS_TRITON = False
 
-KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "sophia")
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "sophia", "cross_entropy")
 _CHOICES = ("auto", "triton", "torch")
 _backend = {}  # kernel name -> 'auto' | 'triton' | 'torch'
 
