@@ -90,8 +90,11 @@ def test_fused_vs_reference(N, d, V, rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_h_and_upstream_gradient(dtype):
-    """h read in place from a wider buffer; an upstream gradient of 0.37 (loss / grad_accum, say) scales dh, dW."""
+def test_strided_h_upstream_gradient_persistent_rows(dtype, monkeypatch):
+    """h read in place from a wider buffer; an upstream gradient of 0.37 (loss / grad_accum, say) scales dh, dW;
+    the row kernel's persistent loop (here 2 programs, each taking every other row of a chunk)."""
+    import kernels.cross_entropy as ce
+    monkeypatch.setattr(ce, "PROGRAMS_PER_SM", 1)
     check_against_reference(21, 24, 200, dtype, rows=8, layout="strided", upstream=0.37)
 
 
