@@ -33,7 +33,7 @@ is needed at once:
 
 The cost is then the three matmuls (6 N d V FLOPs, cuBLAS), the Triton kernel below (it reads each logit twice and
 writes it once), and one read + write of the fp32 dW accumulator per chunk (V d 8 bytes): bigger chunks mean
-fewer of those, at C V 2 bytes of memory. CHUNK_ROWS sets that trade (bench/kernels.py --cross_entropy measures).
+fewer of those, at C V 2 bytes of memory. CHUNK_BYTES sets that trade (bench/kernels.py --cross_entropy measures).
 
 Precision: the logits are the matmul's output in the compute dtype (bf16 under autocast), as in the plain path; the
 log-sum-exp and the loss are fp32. dZ is stored in the compute dtype (the plain path rounds it there too, before its
@@ -55,8 +55,6 @@ backward, the moment of peak memory in a training step. The custom op is opaque:
 written (logits overwritten in place, dW accumulated in place) instead of functionalising those writes into copies.
 Its host cost (tens of microseconds) is once per step, next to milliseconds of matmuls. Eager calls use the same op.
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -67,11 +65,9 @@ if HAS_TRITON:
     import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CHUNK_ROWS = 4096          # tokens per chunk (measured: bench/results/cross_entropy.md) ...
-CHUNK_BYTES = 2**30        # ... unless their logits, C x V in the compute dtype, would pass this
+CHUNK_BYTES = 256 * 2**20  # logits of one chunk, C x V in the compute dtype (bench/results/cross_entropy.md)
 BLOCK_V = 4096             # logits per step of the kernel's loop over a row (16 per thread at 8 warps)
 NUM_WARPS = 8
-PROGRAMS_PER_SM = 0        # programs of the row kernel per SM; 0: one program per row (no persistent loop)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,87 +87,56 @@ def linear_cross_entropy_torch(h, weight, targets, ignore_index=-1):
 if HAS_TRITON:
 
     @triton.jit
-    def _exp_accurate(x):
-        """exp(x) to ~1 ulp in fp32, for x <= 0. tl.exp is the GPU's ex2.approx of x * log2(e): the rounding of that
-        product alone is an error proportional to |x|, so p = exp(z - lse) comes out a few ulps off for the
-        unlikely tokens, where torch's expf is within one. In bf16/fp16 the rounding of dZ hides this; in fp32 it
-        would double torch's error. So, the textbook way: x = k ln2 + r with k = round(x / ln2) and ln2 split in
-        two parts (k * LN2_HI is exact), |r| <= ln2 / 2; exp(r) by its Taylor series to r^7 (error < 1e-8);
-        2^k built from its exponent bits. Below -87 (exp < 1.7e-38, the smallest normal float) it returns 0."""
-        x = tl.maximum(x, -87.0)
-        k = tl.floor(x * 1.4426950408889634 + 0.5)
-        r = (x - k * 0.693145751953125) - k * 1.4286068203094173e-06
-        p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720
-                                                                                       + r * (1.0 / 5040)))))))
-        two_k = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-        return tl.where(x > -87.0, p * two_k, 0.0)
+    def _ce_rows_kernel(Z, TARGETS, LOSS, INV_N, V, stride_z, ignore_index,
+                        BLOCK: tl.constexpr, GRAD: tl.constexpr):
+        row = tl.program_id(0)
+        z_row = Z + row.to(tl.int64) * stride_z  # int64: row * V passes 2^31 in big chunks
+        t = tl.load(TARGETS + row).to(tl.int32)
+        counted = t != ignore_index
+        cols = tl.arange(0, BLOCK)
 
-    @triton.jit
-    def _ce_rows_kernel(Z, TARGETS, LOSS, INV_N, n_rows, V, stride_z, ignore_index,
-                        BLOCK: tl.constexpr, GRAD: tl.constexpr, ACCURATE_EXP: tl.constexpr):
-        # persistent: program pid takes rows pid, pid + G, ... (G programs). With G ~ one per SM, the rows in
-        # flight (G x V x 2 bytes: 26 MB for V = 100352) fit in L2, so pass 2 re-reads its row from L2, not HBM.
-        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-            z_row = Z + tl.cast(row, tl.int64) * stride_z  # int64: row * V passes 2^31 in big chunks
-            t = tl.load(TARGETS + row).to(tl.int32)
-            counted = t != ignore_index
-            cols = tl.arange(0, BLOCK)
+        # pass 1: online log-sum-exp over the row, BLOCK logits at a time (fp32 statistics)
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.full([], 0.0, tl.float32)
+        for start in range(0, V, BLOCK):
+            z = tl.load(z_row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
 
-            # pass 1: online log-sum-exp over the row, BLOCK logits at a time (fp32 statistics)
-            m = tl.full([], float("-inf"), tl.float32)
-            s = tl.full([], 0.0, tl.float32)
+        # the target's logit: one load (masked off for ignored rows and for targets out of range -> nan loss)
+        in_range = (t >= 0) & (t < V)
+        z_t = tl.load(z_row + t, mask=counted & in_range, other=0.0).to(tl.float32)
+        loss = tl.where(in_range, lse - z_t, float("nan"))
+        tl.store(LOSS + row, tl.where(counted, loss, 0.0))
+
+        if GRAD:
+            # pass 2: dZ = (softmax - onehot) / n over the logits, in place; rows that do not count get zeros
+            scale = tl.where(counted, tl.load(INV_N), 0.0)
             for start in range(0, V, BLOCK):
-                z = tl.load(z_row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-                m = m_new
-            lse = m + tl.log(s)
-
-            # the target's logit: one load (masked off for ignored rows and for targets out of range -> nan loss)
-            in_range = (t >= 0) & (t < V)
-            z_t = tl.load(z_row + t, mask=counted & in_range, other=0.0).to(tl.float32)
-            loss = tl.where(in_range, lse - z_t, float("nan"))
-            tl.store(LOSS + row, tl.where(counted, loss, 0.0))
-
-            if GRAD:
-                # pass 2: dZ = (softmax - onehot) / n over the logits, in place; rows that do not count get zeros
-                scale = tl.where(counted, tl.load(INV_N), 0.0)
-                for start in range(0, V, BLOCK):
-                    c = start + cols
-                    z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
-                    if ACCURATE_EXP:
-                        p = _exp_accurate(z - lse)
-                    else:
-                        p = tl.exp(z - lse)
-                    dz = tl.where(c == t, p - 1.0, p) * scale
-                    tl.store(z_row + c, dz.to(Z.dtype.element_ty), mask=c < V)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index):
-    if interpreting() or not torch.cuda.is_available():
-        return 2  # the interpreter runs programs one after another: a few are enough to exercise the loop
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+                c = start + cols
+                z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
+                p = tl.exp(z - lse)
+                dz = tl.where(c == t, p - 1.0, p) * scale
+                tl.store(z_row + c, dz.to(Z.dtype.element_ty), mask=c < V)
 
 
 def _rows(logits, targets, loss_rows, inv_n, ignore_index, grad):
     """Launch the kernel over one chunk: loss_rows gets each row's loss; with grad, logits become dZ."""
-    n_rows, V = logits.shape
+    V = logits.shape[1]
     block = min(BLOCK_V if not interpreting() else 128, triton.next_power_of_2(V))  # the CPU interpreter: small
-    programs = n_rows if PROGRAMS_PER_SM == 0 else min(n_rows, PROGRAMS_PER_SM * _num_sms(logits.device.index))
-    _ce_rows_kernel[(programs,)](logits, targets, loss_rows, inv_n, n_rows, V, logits.stride(0), ignore_index,
-                                 BLOCK=block, GRAD=grad, ACCURATE_EXP=logits.dtype == torch.float32,
-                                 num_warps=NUM_WARPS)
+    _ce_rows_kernel[(logits.shape[0],)](logits, targets, loss_rows, inv_n, V, logits.stride(0), ignore_index,
+                                        BLOCK=block, GRAD=grad, num_warps=NUM_WARPS)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The chunk loop: logits (cuBLAS) -> kernel -> dh, dW (cuBLAS), C rows at a time
 # ----------------------------------------------------------------------------------------------------------
 def chunk_rows(V, compute_dtype):
-    """Rows per chunk: CHUNK_ROWS, or fewer, in multiples of 64 (the matmuls' tiles), if CHUNK_BYTES of logits
-    hold fewer."""
+    """Rows per chunk: as many as CHUNK_BYTES of logits hold, in multiples of 64 (the matmuls' tiles)."""
     rows = CHUNK_BYTES // (V * torch.empty((), dtype=compute_dtype).element_size())
-    return max(64, min(CHUNK_ROWS, rows // 64 * 64))
+    return max(64, rows // 64 * 64)
 
 
 def _accumulate_dw(acc, dz_t, h_chunk, first):
@@ -291,7 +256,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-1, rows=None):
     """Mean cross-entropy of the logits h @ weight^T against targets (ignore_index does not count), as
     linear_cross_entropy_torch computes it, without keeping the (N, V) logits: Triton + cuBLAS on CUDA (see
     kernels/__init__.py), the twin elsewhere. h (..., d), weight (V, d), targets (...). rows: tokens per chunk
-    (default: chunk_rows(): CHUNK_ROWS). Returns an fp32 scalar. Under autocast the matmuls run in the
+    (default: chunk_rows(), from CHUNK_BYTES). Returns an fp32 scalar. Under autocast the matmuls run in the
     autocast dtype, as F.linear would."""
     if not use_triton("cross_entropy", h, weight, targets):
         return linear_cross_entropy_torch(h, weight, targets, ignore_index)
