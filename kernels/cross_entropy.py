@@ -23,7 +23,7 @@ is needed at once:
     memory is C/N of the plain path's, and the matmuls stay large enough (C ~ 1-2K rows) to run at full speed.
   * Online log-sum-exp. A row of logits is read in blocks, with a running max m and a running sum s of
     exp(z - m), rescaled whenever the max grows: m' = max(m, max(block)), s' = s e^(m - m') + sum e^(z - m').
-    One read gives lse; a second read (from L2, mostly: a 200 KB row was just read) writes p - onehot.
+    One read gives lse; a second read writes p - onehot over the logits.
   * The gradient in the forward. The loss is the last operation of the model, so dL/dz is known the moment lse
     is: the upstream gradient is one number g (1, or 1/grad_accum), applied later. So each chunk's logits are
     overwritten in place by dZ, then dh_chunk = dZ W and dW += dZ^T h_chunk, and the chunk's memory is reused by
