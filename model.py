@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import attention
+from kernels.cross_entropy import linear_cross_entropy
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import apply_rope, rope_tables
 from kernels.swiglu import swiglu_packed
@@ -277,12 +278,11 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            # fp32 logits for the softmax: in bf16 the log-sum-exp over 50k entries loses too much precision
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x), None
+        # with targets, the head and the loss are one op that never keeps the (tokens x vocab) logits
+        # (kernels/cross_entropy.py; its twin is F.linear + F.cross_entropy on fp32 logits): no logits come back
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
 
     # ---- counting -----------------------------------------------------------------------------------------
     def num_params(self, count_padding=False):

@@ -5,6 +5,10 @@ Benchmark: our Triton RMSNorm, RoPE and SwiGLU against their peers, forward and 
                                          # torch.compile of the peers
     python bench/kernels.py --sweep      # also time alternative launch configs of our kernels (tuning data)
     python bench/kernels.py --only rmsnorm,rope        # a subset of the cases
+    python bench/kernels.py --cross_entropy   # (alone) the fused head + loss vs eager, torch.compile, Liger:
+                                         # ms and extra peak GiB at three head shapes (cross_entropy.md); ~3 min
+    python bench/kernels.py --cross_entropy_model   # (alone) parchment_166m and lrc_1p5b training steps, the
+                                         # loss fused or not: peak GiB, tok/s (cross_entropy_model.md)
     python bench/kernels.py --model      # (alone) a compiled GPT-2 124M training micro-step (fwd + bwd, bf16
                                          # autocast) with our kernels and with the twins: ms per step and where
                                          # the GPU time goes, by kernel family (kernels_model.md); ~20 s a spec
@@ -443,6 +447,152 @@ def model_step(n_layer, specs, profile_specs):
     write_results("kernels_model", ["kernels", "ms/step", "tok/s", "GPU ms/step", "compile s"], rows, notes)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# cross_entropy: the fused head + loss (kernels/cross_entropy.py). Compute-bound (three N x d x V matmuls) and
+# memory-bound in the other sense -- the question is how much memory the (N, V) logits cost -- so its table
+# reports ms and extra peak GiB, not GB/s, and runs on its own (--cross_entropy).
+# ----------------------------------------------------------------------------------------------------------
+CE_TOKENS = 16384
+CE_SHAPES = ((768, 100352, "parchment"), (1536, 128256, "lrc"), (768, 50304, "gpt2"))
+CE_ROWS = (1024, 2048, 4096)                                      # chunk sizes timed for ours
+CE_CONFIGS = ((2048, 4), (8192, 16), (16384, 32))                 # (BLOCK_V, num_warps) of the row kernel
+MATMUL_TFLOPS = 700.0                                              # the issue's floor: 6 N d V at ~700 TF/s
+
+
+def ce_measure(fn, reps=8):
+    """(ms, extra peak GiB) of fn(): CUDA-event median (L2 flushed), and the peak memory allocated during one call
+    above what was allocated before it (the inputs), the returned gradients included."""
+    fn()  # compiles (Triton, torch.compile) outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return time_ms(fn, reps=reps, warmup=2), extra
+
+
+def cross_entropy_bench():
+    """Forward + backward (gradients of h and W) of the head's loss at N = 16384 tokens, bf16 h and W, every
+    implementation in one run; ours at several chunk sizes and kernel configs; an autocast row with fp32 W."""
+    import kernels.cross_entropy as ce
+    liger = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+    rows, N = [], CE_TOKENS
+    for d, V, name in CE_SHAPES:
+        torch.manual_seed(0)
+        h = leaf(torch.randn(N, d, device=DEVICE, dtype=DTYPE))
+        w = leaf(torch.randn(V, d, device=DEVICE, dtype=DTYPE) * d ** -0.5)
+        t = torch.randint(0, V - 1, (N,), device=DEVICE)
+        floor_ms = 6 * N * d * V / (MATMUL_TFLOPS * 1e12) * 1e3
+        mm_ms = time_ms(lambda: h.detach() @ w.detach().t(), reps=10, warmup=2)  # the logits matmul, measured
+        compiled = torch.compile(ce.linear_cross_entropy_torch, dynamic=False)
+        impls = {"eager twin": ce.linear_cross_entropy_torch, "compile twin": compiled}
+        if liger is not None:
+            impls["liger"] = lambda h, w, t: liger.apply(h, w, t, None, None, -1)[0]
+        for r in CE_ROWS:
+            impls[f"ours rows={r}"] = lambda h, w, t, r=r: ce.linear_cross_entropy(h, w, t, rows=r)
+        ours = f"ours rows={ce.chunk_rows(V, DTYPE)} (default)"
+        impls[ours] = ce.linear_cross_entropy
+        for impl, fn in impls.items():
+            try:
+                ms, gib = ce_measure(lambda: torch.autograd.grad(fn(h, w, t), (h, w)))
+            except Exception as e:  # a failing peer is reported, not fatal
+                print(f"  cross_entropy {name} / {impl}: failed ({type(e).__name__}: {str(e)[:200]})")
+                continue
+            rows.append([f"d{d} V{V} ({name})", impl, ms, gib, floor_ms / ms, 3 * mm_ms / ms])
+            print(f"  {rows[-1][0]:<26} {impl:<22} {ms:8.2f} ms  +{gib:6.3f} GiB  (floor {floor_ms:.1f} ms, "
+                  f"3 x measured logits matmul {3 * mm_ms:.1f} ms)", flush=True)
+        if name != "gpt2":  # the row kernel's launch config, at the default chunk size
+            defaults = ce.BLOCK_V, ce.NUM_WARPS
+            for block, warps in CE_CONFIGS:
+                ce.BLOCK_V, ce.NUM_WARPS = block, warps
+                ms, gib = ce_measure(lambda: torch.autograd.grad(ce.linear_cross_entropy(h, w, t), (h, w)))
+                rows.append([f"d{d} V{V} ({name})", f"ours BLOCK_V={block} warps={warps}", ms, gib,
+                             floor_ms / ms, 3 * mm_ms / ms])
+                print(f"  {rows[-1][1]:<40} {ms:8.2f} ms", flush=True)
+            ce.BLOCK_V, ce.NUM_WARPS = defaults
+        if name == "lrc":  # train.py's setup: fp32 weights, bf16 autocast (h arrives in bf16 from the last norm)
+            w32 = leaf(w.detach().float())
+            for impl in ("eager twin", "compile twin", ours):
+                def step(fn=impls[impl]):
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = fn(h, w32, t)
+                    torch.autograd.grad(loss, (h, w32))
+                ms, gib = ce_measure(step)
+                rows.append([f"d{d} V{V} ({name})", f"{impl}, fp32 W + autocast", ms, gib, floor_ms / ms,
+                             3 * mm_ms / ms])
+                print(f"  {rows[-1][1]:<40} {ms:8.2f} ms  +{gib:6.3f} GiB", flush=True)
+            del w32
+        if name == "parchment":  # where ours spends its time (profiler; kept for the end: it slows later launches)
+            profile = (h, w, t)
+        else:
+            del h, w, t
+        del impls, compiled
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    h, w, t = profile
+    dev_ms, per_kernel = gpu_ms(lambda: torch.autograd.grad(ce.linear_cross_entropy(h, w, t), (h, w)), reps=5)
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
+    breakdown = "; ".join(f"{k[:60]} {v:.2f} ms" for k, v in top)
+    print(f"  parchment, ours (default): GPU {dev_ms:.2f} ms: {breakdown}", flush=True)
+    notes = (f"N = {N} tokens, bf16 h and W (except the autocast rows: fp32 W), forward + backward (gradients of h "
+             f"and W, torch.autograd.grad). ms: CUDA-event median, L2 flushed. +GiB: peak memory allocated during a "
+             f"call above what was allocated before it (h, W, targets), the returned gradients included. "
+             f"'x floor': the issue's matmul floor (6 N d V at {MATMUL_TFLOPS:.0f} TF/s) / ms; 'x 3 mm': three times "
+             f"the measured N x d x V logits matmul / ms. Liger-Kernel FLCE as installed (its default chunking). "
+             f"Ours at parchment's shape, GPU time by kernel (profiler): {dev_ms:.2f} ms = {breakdown}.")
+    write_results("cross_entropy", ["shape", "impl", "ms", "+GiB", "x floor", "x 3 mm"], rows, notes)
+
+
+def cross_entropy_model(presets=("parchment_166m", "lrc_1p5b"), steps=3):
+    """Training steps of whole presets at their own micro-batch (fp32 weights, bf16 autocast, fused AdamW, eager:
+    no torch.compile, to keep this short), with the head's loss fused (cross_entropy=triton) and not (=torch):
+    peak GiB allocated and tokens/s. The same other kernels (auto) in both."""
+    from configurator import read_config_file
+    from model import GPT, GPTConfig
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for preset in presets:
+        cfg = read_config_file(os.path.join(root, "config", f"{preset}.py"))
+        model_cfg = GPTConfig(**{k: v for k, v in cfg.items() if k in GPTConfig.__dataclass_fields__})
+        B, T = cfg["batch_size"], model_cfg.block_size
+        torch.manual_seed(0)
+        with torch.device(DEVICE):  # initialised on the GPU: a 1.5B model's init on the host takes a while
+            model = GPT(model_cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        x = torch.randint(0, model_cfg.vocab_size, (B, T), device=DEVICE)
+        y = torch.randint(0, model_cfg.vocab_size, (B, T), device=DEVICE)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for spec in ("auto,cross_entropy=torch", "auto,cross_entropy=triton"):
+            set_backend(spec)
+            try:
+                step()  # the optimizer's state is allocated here, before the peak is reset
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                ms = time_ms(step, reps=steps, warmup=0, flush_l2=False)
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                rows.append([preset, f"{B}x{T}", spec, "OOM", float("nan"), float("nan")])
+                print(f"  {preset} {B}x{T} kernels={spec}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            gib = torch.cuda.max_memory_allocated() / 2**30
+            rows.append([preset, f"{B}x{T}", spec, gib, B * T / ms * 1e3, ms])
+            print(f"  {preset} {B}x{T} kernels={spec:<28} peak {gib:6.2f} GiB  {B * T / ms * 1e3:9.0f} tok/s", flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+    set_backend("triton")
+    write_results("cross_entropy_model", ["preset", "micro-batch", "kernels", "peak GiB", "tok/s", "ms/step"], rows,
+                  f"Eager (no torch.compile) training steps: fp32 weights, bf16 autocast, fused AdamW, random tokens, "
+                  f"median of {steps} steps after one. Peak: torch.cuda.max_memory_allocated over those steps.")
+
+
 CASES = dict(rmsnorm=((rmsnorm_case, (16384, 4096)), (rmsnorm_case, (16384, 2048))),
              rope=((rope_case, (8, 32, 8, 2048, 128)),),
              swiglu=((swiglu_case, (16384, 8192)), (swiglu_packed_case, (16384, 8192))))
@@ -459,9 +609,18 @@ def main():
     parser.add_argument("--model_layers", type=int, default=12)
     parser.add_argument("--model_specs", default=MODEL_SPECS, help="';'-separated NANOFORGE_KERNELS specs")
     parser.add_argument("--model_profile", default="torch;auto", help="';'-separated specs to profile by family")
+    parser.add_argument("--cross_entropy", action="store_true",
+                        help="(alone) the fused head + loss against its peers: ms and extra peak GiB")
+    parser.add_argument("--cross_entropy_model", action="store_true",
+                        help="(alone, or after --cross_entropy) whole-preset training steps, loss fused or not")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
+    if args.cross_entropy or args.cross_entropy_model:
+        set_backend("triton")
+        if args.cross_entropy:
+            cross_entropy_bench()
+        return cross_entropy_model() if args.cross_entropy_model else None
     if args.model:  # alone in its process: a profiler run before it would slow its wall times (measure_gpu)
         return model_step(args.model_layers, args.model_specs.split(";"), args.model_profile.split(";"))
     set_backend("triton")  # 'ours' is the Triton path, whatever NANOFORGE_KERNELS says

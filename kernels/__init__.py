@@ -24,7 +24,7 @@ try:
 except Exception:  # ImportError, or a broken install: the twins still work
     HAS_TRITON = False
 
-KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "sophia", "muon")
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "attention", "cross_entropy", "sophia", "muon")
 _CHOICES = ("auto", "triton", "torch")
 _backend = {}  # kernel name -> 'auto' | 'triton' | 'torch'
 
