@@ -263,7 +263,9 @@ class LRCStudent(nn.Module):
         with torch.no_grad(), recording(self.teacher, clone) as t_acts:
             t_logits, _ = self.teacher(idx, doc_starts=doc_starts)
         with recording(self.student if self.free_student else self.shape, clone) as s_acts:
-            logits, ce = self.student_forward(idx, targets, doc_starts)
+            logits, _ = self.student_forward(idx, doc_starts=doc_starts)  # the KL needs the logits themselves,
+        # so the next-token loss is taken from them (GPT.forward with targets fuses head and loss, returning none)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         loss = ce + self.kl_loss(logits, t_logits, targets)
         if clone:
             loss = loss + self.clone_weight * self.clone_loss(s_acts, t_acts)
