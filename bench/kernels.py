@@ -313,10 +313,10 @@ def sweep():
         tag = f"{M}x{N} x {str(xdt)[6:]} y/dy {str(dydt)[6:]}"
         for BM, nw in [default_fwd(M, N)[::2], (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16)]:
             rms._fwd_config = lambda M_, N_, BM=BM, nw=nw: (BM, triton_next_pow2(N_), nw)
-            ms, _ = gpu_ms(lambda: rms._forward(x, w, EPS, dydt))
+            ms, _ = gpu_ms(lambda: rms._forward(x, None, w, EPS, dydt))
             print(f"  rmsnorm fwd {tag} BLOCK_M={BM} warps={nw}: {ms:.4f} ms {fwd_bytes / ms / 1e6:.0f} GB/s")
         rms._fwd_config = default_fwd
-        _, rstd = rms._forward(x, w, EPS, dydt)
+        _, _, rstd = rms._forward(x, None, w, EPS, dydt)
         BM0, _, nw0, G0 = default_bwd(M, N, 0)
         for BM, nw, per_sm in [(BM0, nw0, G0 / sms), (1, 4, 4), (1, 8, 2), (2, 4, 4), (2, 8, 2), (2, 16, 1),
                                (4, 8, 2), (4, 16, 1), (8, 16, 1)]:
@@ -324,7 +324,7 @@ def sweep():
                 continue
             rms._bwd_config = lambda M_, N_, d, BM=BM, nw=nw, per_sm=per_sm: (
                 BM, triton_next_pow2(N_), nw, max(1, min(int(per_sm * sms), -(-M_ // BM))))
-            ms, per_kernel = gpu_ms(lambda: rms._backward(dy, x, w, rstd))
+            ms, per_kernel = gpu_ms(lambda: rms._rmsnorm_bwd(dy, x, w, rstd, None))
             print(f"  rmsnorm bwd {tag} BLOCK_M={BM} warps={nw} programs/SM={per_sm:.2f}: {ms:.4f} ms "
                   f"{bwd_bytes / ms / 1e6:.0f} GB/s  [{_kernel_summary(per_kernel)}]")
         rms._bwd_config = default_bwd
@@ -351,8 +351,8 @@ def sweep():
                     min(triton_next_pow2(Hq_), max(1, cap // triton_next_pow2(D_ // 2))),
                     min(triton_next_pow2(Hkv_), max(1, cap // triton_next_pow2(D_ // 2))),
                     triton_next_pow2(D_ // 2), nw)
-            f, _ = gpu_ms(lambda: rope._launch(q, k, cos, sin, False))
-            b, _ = gpu_ms(lambda: rope._launch(dq, dk, cos, sin, True))
+            f, _ = gpu_ms(lambda: rope._rope(q, k, cos, sin, False))
+            b, _ = gpu_ms(lambda: rope._rope(dq, dk, cos, sin, True))
             print(f"  rope B{B} T{T} H{Hq}/{Hkv} D{D} cap={cap or 'default'} warps={nw or ''}: fwd {f:.4f} ms "
                   f"{nbytes / f / 1e6:.0f} GB/s, bwd {b:.4f} ms {nbytes / b / 1e6:.0f} GB/s")
             rope._config = default

@@ -82,7 +82,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, backend, interpreting, use_triton
+from kernels import HAS_TRITON, backend, interpreting, launcher, op, use_triton
 from kernels.attention_tuning import pick_config
 
 if HAS_TRITON:
@@ -415,8 +415,13 @@ def _bthd_empty(q):
 def _launch(kernel, grid_of, config, *args, **constexprs):
     bm, bn, warps, stages, maxnreg = (tuple(config) + (0,))[:5]
     options = {"maxnreg": maxnreg} if maxnreg else {}
-    kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                            **options)
+    launcher(kernel)[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                      num_stages=stages, **options)
+
+
+def _tracing(t):
+    """True while torch.compile traces the operator on shape-only tensors: nothing can be timed then."""
+    return torch._subclasses.fake_tensor.is_fake(t)
 
 
 def _forward(q, k, v, causal, scale):
@@ -435,7 +440,7 @@ def _forward(q, k, v, causal, scale):
                 q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                 T, group, scale * LOG2E, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
 
-    launch(pick_config("fwd", launch, D, causal, q.dtype))
+    launch(pick_config("fwd", launch, D, causal, q.dtype, _tracing(q)))
     return o, lse
 
 
@@ -455,7 +460,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, deterministic=True):
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     delta = torch.empty_like(lse)
     block = 16 if interpreting() else 64
-    _bwd_delta[(triton.cdiv(T, block), Hq, B)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T,
+    launcher(_bwd_delta)[(triton.cdiv(T, block), Hq, B)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T,
                                               HEAD_DIM=D, BLOCK_M=block)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
@@ -474,49 +479,35 @@ def _backward(do, q, k, v, o, lse, causal, scale, deterministic=True):
                 q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3],
                 T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
 
+    tracing = _tracing(q)
     if deterministic:
-        launch_dkdv(pick_config("dkdv", launch_dkdv, D, causal, q.dtype))
-        launch_dq(pick_config("dq", launch_dq, D, causal, q.dtype))
+        launch_dkdv(pick_config("dkdv", launch_dkdv, D, causal, q.dtype, tracing))
+        launch_dq(pick_config("dq", launch_dq, D, causal, q.dtype, tracing))
     else:
-        launch_dkdv(pick_config("fused", launch_dkdv, D, causal, q.dtype))
-        _dq_from_acc[(triton.cdiv(T, block), Hq, B)](dq_acc, dq, *dq.stride()[:3], T, scale, HEAD_DIM=D,
+        launch_dkdv(pick_config("fused", launch_dkdv, D, causal, q.dtype, tracing))
+        launcher(_dq_from_acc)[(triton.cdiv(T, block), Hq, B)](dq_acc, dq, *dq.stride()[:3], T, scale, HEAD_DIM=D,
                                                     BLOCK_M=block)
     return dq, dk, dv
 
 
-# ------------------------------------------------------------------- custom ops + autograd (torch.compile)
-# torch.compile must not trace into the launchers (Python-side autotuning, Triton's launch machinery), so each
-# direction is an opaque custom op; its fake implementation tells the compiler the output shapes and strides.
-@torch.library.custom_op("nanoforge::flash_attn_fwd", mutates_args=())
+# ------------------------------------------------------------- operators + autograd (kernels/__init__.py's wiring)
+@op("flash_attn_fwd")
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, scale)
 
 
-@flash_attn_fwd.register_fake
-def _(q, k, v, causal, scale):
-    B, Hq, T, D = q.shape
-    return _bthd_empty(q), q.new_empty(B, Hq, T, dtype=torch.float32)
-
-
-@torch.library.custom_op("nanoforge::flash_attn_bwd", mutates_args=())
+@op("flash_attn_bwd")
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, causal: bool, scale: float,
                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, o, lse, causal, scale, deterministic)
 
 
-@flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 class FlashAttention(torch.autograd.Function):
-    # Eager calls skip the custom-op dispatch (tens of microseconds of host time per call) and run the launchers
-    # directly; under torch.compile the ops are what the graph records.
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, deterministic):
-        o, lse = (flash_attn_fwd if torch.compiler.is_compiling() else _forward)(q, k, v, causal, scale)
+        o, lse = flash_attn_fwd(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)  # O and LSE: all the backward needs to rebuild P
         ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
         return o
@@ -524,8 +515,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        bwd = flash_attn_bwd if torch.compiler.is_compiling() else _backward
-        dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+        dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
@@ -533,6 +523,11 @@ def attention_triton(q, k, v, causal=True, scale=None, deterministic=None):
     """The Triton path, with its input checks (clear errors for what the kernel does not support).
     deterministic: how the backward computes dQ (see _backward); None: DETERMINISTIC (the environment's)."""
     _check_inputs(q, k, v)
+    return _flash(q, k, v, causal, scale, deterministic)
+
+
+def _flash(q, k, v, causal, scale, deterministic=None):
+    """The Triton path on inputs already checked (each call checks once: attention() or attention_triton())."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the row max of unscaled scores: right only for a positive scale
         raise ValueError(f"attention: softmax scale must be positive, got {scale}")
@@ -542,27 +537,40 @@ def attention_triton(q, k, v, causal=True, scale=None, deterministic=None):
 
 # ------------------------------------------------------------------------------------- twin and switch
 def attention_torch(q, k, v, causal=True, scale=None, mask=None):
-    """q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv. SDPA, no repeated K/V.
-    mask: bool, broadcastable to (B, Hq, T, T), True where a query may see a key; it replaces the causal rule
-    (e.g. model.py's block-diagonal causal mask for packed documents). SDPA then runs its memory-efficient
-    kernel (flash takes no mask), which has no native GQA: K and V are repeated over the group for it."""
+    """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D), Hq a multiple of Hkv. SDPA, no repeated K/V.
+    mask: bool, broadcastable to (B, Hq, Tq, Tk), True where a query may see a key; it replaces the causal rule
+    (model.py's block-diagonal causal mask for packed documents, attention()'s decode mask). SDPA then runs its
+    memory-efficient kernel (flash takes no mask), which has no native GQA: K and V are repeated over the
+    group for it. enable_gqa is a Python bool computed from the shapes (the legacy ONNX exporter refuses a
+    tensor there)."""
+    group = q.shape[1] // k.shape[1]
     if mask is not None:
-        group = q.shape[1] // k.shape[1]
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=bool(group > 1))
 
 
 def attention(q, k, v, causal=True, scale=None, mask=None):
-    """Causal (or full) grouped-query attention. Triton on CUDA; the twin elsewhere. In 'auto' mode a shape the
-    kernel does not cover (head dim outside HEAD_DIMS, query and key lengths that differ, as in KV-cache
-    decoding) goes to the twin; with NANOFORGE_KERNELS=attention=triton it is an error instead. An explicit
-    mask always goes to the twin: the Triton kernel knows only the causal rule."""
-    if mask is None and use_triton("attention", q, k, v):
-        if backend("attention") == "triton" or _kernel_covers(q, k, v):
-            return attention_triton(q, k, v, causal, scale)
+    """The one attention entry point: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D); causal (or full) grouped-query
+    attention. Triton on CUDA, the twin elsewhere (kernels/__init__.py); the model never calls SDPA itself.
+
+    Tq < Tk is KV-cache decoding: the Tq new queries sit at positions Tk - Tq .. Tk - 1, and query i sees the
+    keys j <= Tk - Tq + i. SDPA's is_causal aligns its mask top-left (right only for Tq = Tk), so this builds
+    the bottom-right mask (for the usual single new token it is all True: no mask at all). Decoding and an
+    explicit mask go to the twin, whatever the switch says: the Triton kernel knows only the square causal
+    rule. Otherwise, in 'auto' mode a shape the kernel does not cover (head dim outside HEAD_DIMS) goes to the
+    twin, and with NANOFORGE_KERNELS=attention=triton it is an error instead."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if mask is None and causal and Tq != Tk:
+        if Tq > 1:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        causal = False  # the mask (or, for one query, no mask) is the whole rule now
+    if mask is None and Tq == Tk and use_triton("attention", q, k, v):
+        if backend("attention") == "triton":
+            return attention_triton(q, k, v, causal, scale)  # checks, and refuses in words
+        if _kernel_covers(q, k, v):
+            return _flash(q, k, v, causal, scale)
     return attention_torch(q, k, v, causal, scale, mask)
 
 
