@@ -541,13 +541,14 @@ def attention_torch(q, k, v, causal=True, scale=None, mask=None):
     mask: bool, broadcastable to (B, Hq, Tq, Tk), True where a query may see a key; it replaces the causal rule
     (model.py's block-diagonal causal mask for packed documents, attention()'s decode mask). SDPA then runs its
     memory-efficient kernel (flash takes no mask), which has no native GQA: K and V are repeated over the
-    group for it. enable_gqa is a Python bool computed from the shapes (the legacy ONNX exporter refuses a
-    tensor there)."""
+    group for it. The same under the legacy ONNX exporter, which converts SDPA only without enable_gqa; else
+    enable_gqa is a Python bool computed from the shapes (that exporter also refuses a tensor there)."""
     group = q.shape[1] // k.shape[1]
-    if mask is not None:
+    if mask is not None or torch.onnx.is_in_onnx_export():
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=bool(group > 1))
 
 
