@@ -42,6 +42,7 @@ the autograd wiring and the shapes under torch.compile; the real inlining is che
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton  # noqa: F401
@@ -136,7 +137,7 @@ class _Interpreted:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            if not any(isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args):
+            if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
                 self.kernel[grid](*args, **kwargs)
         return run
 

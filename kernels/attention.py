@@ -81,6 +81,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from kernels import HAS_TRITON, backend, interpreting, launcher, op, use_triton
 from kernels.attention_tuning import pick_config
@@ -421,7 +422,7 @@ def _launch(kernel, grid_of, config, *args, **constexprs):
 
 def _tracing(t):
     """True while torch.compile traces the operator on shape-only tensors: nothing can be timed then."""
-    return torch._subclasses.fake_tensor.is_fake(t)
+    return is_fake(t)
 
 
 def _forward(q, k, v, causal, scale):
