@@ -139,6 +139,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     # grid (query blocks, Hq, B). Causal rows near the end see the most keys: launch them first (reversed
     # axis 0) so the long programs start early and the short ones fill the gaps at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes a Python float as fp64: keep the math in fp32
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # 64-bit offsets: B * H * T * D can pass 2^31
     kv = h // GROUP                    # GQA: the kv head this query head reads
@@ -246,6 +247,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
     # grid (key blocks, Hkv, B). Causal: early keys are seen by the most queries; axis 0 in order launches
     # those heaviest programs first.
     start_n = tl.program_id(0) * BLOCK_N
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # (see _attn_fwd)
     kv = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     Hq = tl.num_programs(1) * GROUP
@@ -292,6 +294,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
 def _dq_from_acc(DQACC, DQ, sdqb, sdqh, sdqt, T, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """dQ = c * DQACC, from the fp32 (B, Hq, T, D) sums of the atomic path to dQ's dtype and layout."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sm_scale = tl.cast(sm_scale, tl.float32)  # (see _attn_fwd)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -340,6 +343,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest first, as in the forward
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # (see _attn_fwd)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     kv = h // GROUP

@@ -107,6 +107,7 @@ if HAS_TRITON:
     def _rmsnorm_fwd_kernel(X, R, H, W, Y, RSTD, M, N, stride_xm, stride_rm, stride_ym, eps,
                             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # this program's tile: rows [pid*BLOCK_M, pid*BLOCK_M + BLOCK_M), all N columns (masked past N / M)
+        eps = tl.cast(eps, tl.float32)  # inductor passes a Python float as fp64: keep the math in fp32
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < N
