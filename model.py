@@ -140,6 +140,10 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
 
     def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
+        """x (B, T, d) -> (B, T, d). Training and prefill: T queries against the same T keys. Decoding with a
+        KV cache: the T new queries against every key so far, the cache's and their own; kernels' attention()
+        sees Tq < Tk and builds the mask for queries that are the last positions, so this code is the same in
+        every case. RoPE rotates q and k *before* k enters the cache: cached keys keep their own positions."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -155,6 +159,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: c_proj(silu(gate) * up), with gate and up from one matmul, so the kernel reads both halves of
+    its output in place (kernels/swiglu.py); or the plain c_proj(silu(c_fc(x)))."""
+
     def __init__(self, config):
         super().__init__()
         self.gated = config.mlp == "swiglu"
@@ -168,6 +175,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm layer. Why it hands on (x, branch) instead of x + branch: the add and the next norm read and
+    write the same rows, so one kernel does both (add_rmsnorm) and the stream is read once instead of twice.
+    The arithmetic is exactly the textbook layer's (tests/test_model.py checks it against the plain loop)."""
+
     def __init__(self, config):
         super().__init__()
         self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)

@@ -54,6 +54,7 @@ TIMEOUT_S = 900            # one run (compile included) that takes longer is rec
 TOKENS_PER_VOCAB = 8_000_000  # random tokens per data folder; the loader wraps around, so more are not needed
 # The end-of-text id of each tokenizer the presets name (written into meta.json, as prepare_fineweb.py does)
 EOT = {"gpt2": 50256, "cl100k_base": 100257}
+TIKTOKEN_CACHE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tokenizers", "tiktoken_cache")
 
 
 # ---- data: one folder of random tokens per vocabulary --------------------------------------------------------
@@ -99,10 +100,16 @@ def read_metrics(path, steps):
 
 
 def run_logged(cmd, log_path, cwd, timeout):
-    """Run cmd, its output into log_path (and the last lines printed); returns the exit status (124: timeout)."""
+    """Run cmd, its output into log_path (and the last lines printed); returns the exit status (124: timeout).
+    Offline GPU machines: train.py asks tiktoken for the tokenizer (bits per byte), and tiktoken retries its
+    download for minutes; the repository's offline cache (../shared, as tests/conftest.py uses) answers at once."""
+    env = dict(os.environ)
+    if "TIKTOKEN_CACHE_DIR" not in env and os.path.isdir(TIKTOKEN_CACHE):
+        env["TIKTOKEN_CACHE_DIR"] = TIKTOKEN_CACHE
     with open(log_path, "w") as log:
         try:
-            status = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            status = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                    env=env).returncode
         except subprocess.TimeoutExpired:
             status = 124
     tail = open(log_path).read().splitlines()[-3:]

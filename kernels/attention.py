@@ -72,9 +72,14 @@ The output is allocated (B, T, Hq, D) in memory and returned as its (B, Hq, T, D
 .transpose(1, 2).reshape(B, T, C) afterwards is free. Supported: head dim 16/32/64/128, fp16 and bf16
 (fp32 too: exact fp32 products, slow, for tests and the interpreter; Triton 3.9's interpreter gets bf16
 products wrong, so CPU tests use fp32 and fp16). Constants inside the kernels (log2 e = 1.4427, ln 2 = 0.6931)
-are written out: a Triton kernel may only read globals declared tl.constexpr. Under torch.compile the kernels are two
-opaque custom ops (nanoforge::flash_attn_fwd / _bwd) with fake implementations, wrapped in an
-autograd.Function that dynamo traces.
+are written out: a Triton kernel may only read globals declared tl.constexpr. Wiring (kernels/__init__.py):
+the two directions are the operators nanoforge::flash_attn_fwd / _bwd, triton_ops that torch.compile replaces
+by the kernels themselves, called from one autograd.Function. A compiled graph cannot time configs (it traces on
+shape-only tensors), so there each kernel runs the config an eager call already tuned, else its default.
+
+ONE ENTRY POINT. attention() at the bottom is the model's only way to attention: training (causal, or a
+document mask), prefill, and KV-cache decoding, where it builds the mask for queries that are the last
+positions (Tq < Tk); SDPA (the twin) is called nowhere else.
 """
 import math
 import os
