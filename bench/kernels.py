@@ -1,5 +1,5 @@
 """
-Benchmark: our Triton RMSNorm, RoPE and SwiGLU against their peers, forward and forward + backward, on one GPU.
+Benchmark: our Triton RMSNorm (plain and fused with the residual add), RoPE and SwiGLU against their peers, forward and forward + backward, on one GPU.
 
     python bench/kernels.py              # table + plot in bench/results/ (env BENCH_OUT); 1-2 minutes, mostly
                                          # torch.compile of the peers
@@ -91,6 +91,22 @@ def rmsnorm_case(M, N):
     el, bs = M * N, x.element_size()
     return dict(name=f"RMSNorm {M}x{N}", inputs=(x, w), grads=(dy,), impls=impls,
                 bytes_fwd=2 * el * bs, bytes_fb=5 * el * bs)
+
+
+def add_rmsnorm_case(M, N):
+    """The fused residual add + RMSNorm (kernels/rmsnorm.py's second lesson): (h, y) = (x + r, norm(x + r)).
+    Traffic: forward reads x, r and writes h, y; backward reads dh, dy, h and writes dx (= dr, one tensor)."""
+    x, r = (leaf(torch.randn(M, N, device=DEVICE, dtype=DTYPE)) for _ in range(2))
+    w = leaf(1 + 0.1 * torch.randn(N, device=DEVICE, dtype=DTYPE))
+    dh, dy = (torch.randn(M, N, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    impls = {
+        "ours": lambda x, r, w: rms.add_rmsnorm(x, r, w, EPS),
+        "eager twin": lambda x, r, w: rms.add_rmsnorm_torch(x, r, w, EPS),
+        "compile twin": torch.compile(lambda x, r, w: rms.add_rmsnorm_torch(x, r, w, EPS), dynamic=False),
+    }
+    el, bs = M * N, x.element_size()
+    return dict(name=f"add + RMSNorm {M}x{N}", inputs=(x, r, w), grads=(dh, dy), impls=impls,
+                bytes_fwd=4 * el * bs, bytes_fb=8 * el * bs)
 
 
 def rope_case(B, Hq, Hkv, T, D):
@@ -444,6 +460,7 @@ def model_step(n_layer, specs, profile_specs):
 
 
 CASES = dict(rmsnorm=((rmsnorm_case, (16384, 4096)), (rmsnorm_case, (16384, 2048))),
+             add_rmsnorm=((add_rmsnorm_case, (16384, 768)), (add_rmsnorm_case, (16384, 2048))),
              rope=((rope_case, (8, 32, 8, 2048, 128)),),
              swiglu=((swiglu_case, (16384, 8192)), (swiglu_packed_case, (16384, 8192))))
 MODEL_SPECS = "torch;auto;auto,rmsnorm=torch;auto,rope=torch;auto,swiglu=torch;auto,attention=torch"
@@ -452,7 +469,7 @@ MODEL_SPECS = "torch;auto;auto,rmsnorm=torch;auto,rope=torch;auto,swiglu=torch;a
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
-    parser.add_argument("--only", default="rmsnorm,rope,swiglu", help="comma-separated subset of the cases")
+    parser.add_argument("--only", default="rmsnorm,add_rmsnorm,rope,swiglu", help="comma-separated subset of the cases")
     parser.add_argument("--no_table", action="store_true", help="skip the peer table (with --sweep / --model)")
     parser.add_argument("--model", action="store_true",
                         help="(alone) time a compiled GPT-2 124M micro-step per kernels spec")

@@ -24,8 +24,8 @@ torch.autograd.Function calls the forward and backward operators. Under torch.co
   * dynamo traces the autograd.Function (forward and backward) like any PyTorch code;
   * the operator is a `torch.library.triton_op`: AOTAutograd replaces it by the function's body, so the graph
     holds the Triton kernels themselves (the launcher is `torch.library.wrap_triton`), and inductor launches
-    them from its own generated code, next to the kernels it writes, CUDA graphs included. Nothing opaque
-    remains: no dispatcher round trip and no Triton Python launcher per call inside a compiled step.
+    them from its own generated code, next to the kernels it writes. Nothing opaque remains: no dispatcher
+    round trip and no Triton Python launcher per call inside a compiled step.
 
 The alternatives, and why not: `torch.library.custom_op` keeps each call opaque (tens of microseconds of host
 time each, ~400 calls per step at lille_130m's size: small models became host-bound, issue #12). Raw
@@ -41,8 +41,9 @@ Triton's own launcher passes fp32; every kernel casts such scalars to fp32 first
 turns fp64 (and tl.dot refuses an fp64 accumulator).
 
 Measured (H200, torch 2.11, Triton 3.6, bench/results/e2e_h200/): lille_130m's compiled micro-step (16 x 512,
-fused AdamW) ran at 297.6k tokens/s with 'auto' against 212.5k with 'torch' (1.40x) once the kernels were wired
-this way; in a compiled model every kernel of ours is launched from inductor's own code (tests/test_switch.py).
+fused AdamW) ran at 297.6k tokens/s with 'auto' against 212.5k with 'torch' (1.40x, one run; with the opaque
+custom ops, issue #12 had measured the defaults through train.py at 0.42x of torch). In a compiled model every
+kernel of ours is launched from inductor's own code (tests/test_switch.py, on the GPU).
 
 The interpreter (TRITON_INTERPRET=1, CPU CI): a triton_op cannot trace an interpreted kernel (pytorch#152868:
 torch <= 2.11's wrap_triton refuses it), so there `op` makes a plain custom op, whose shape-only ("fake") version
