@@ -1,5 +1,6 @@
 """
-Benchmark: our Triton RMSNorm (plain and fused with the residual add), RoPE and SwiGLU against their peers, forward and forward + backward, on one GPU.
+Benchmark: our Triton RMSNorm (plain and fused with the residual add), RoPE and SwiGLU against their peers,
+forward and forward + backward, on one GPU.
 
     python bench/kernels.py              # table + plot in bench/results/ (env BENCH_OUT); 1-2 minutes, mostly
                                          # torch.compile of the peers
