@@ -5,6 +5,14 @@ model.py — one decoder-only transformer that expresses every nanoforge recipe.
     Block:  x = x + Attention(RMSNorm(x))        causal, grouped-query, RoPE on q and k
             x = x + MLP(RMSNorm(x))               SwiGLU: W2(silu(Wg x) * Wu x)   or plain: W2(silu(W1 x))
 
+The same arithmetic is written with each residual add fused into the norm that follows it (one kernel reads x
+and the branch and writes both x + branch and its norm: kernels/rmsnorm.py's second lesson). So a Block takes
+the residual stream *and the branch still to be added to it*, and hands on the same pair:
+
+    Block(x, branch):  x, h = x + branch, RMSNorm(x + branch)      (add_rmsnorm; the first block has no branch)
+                       x, h = x + Attention(h), RMSNorm(...)         (add_rmsnorm again)
+                       return x, MLP(h)                              (the next block, or the final norm, adds it)
+
 The knobs (GPTConfig) are exactly what differs between the seeds:
   * n_head query heads share n_kv_head key/value heads (GQA): with n_kv_head = 2 and n_head = 10, each K/V head
     serves 5 query heads, so the KV cache is 5x smaller. n_kv_head = n_head is classic multi-head attention.
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 
 from kernels.attention import attention
 from kernels.cross_entropy import linear_cross_entropy
-from kernels.rmsnorm import rmsnorm
+from kernels.rmsnorm import add_rmsnorm, rmsnorm
 from kernels.rope import apply_rope, rope_tables
 from kernels.swiglu import swiglu_packed
 
@@ -81,15 +89,18 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w. No mean subtraction, no bias: cheaper than LayerNorm, as good."""
+    """y = x / sqrt(mean(x^2) + eps) * w. No mean subtraction, no bias: cheaper than LayerNorm, as good.
+    Given a branch, the residual add before the norm is fused into it: returns (x + branch, norm(x + branch))."""
 
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return rmsnorm(x, self.weight, self.eps)
+    def forward(self, x, branch=None):
+        if branch is None:
+            return rmsnorm(x, self.weight, self.eps)
+        return add_rmsnorm(x, branch, self.weight, self.eps)
 
 
 class KVCache:
@@ -130,6 +141,10 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
 
     def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
+        """x (B, T, d) -> (B, T, d). Training and prefill: T queries against the same T keys. Decoding with a
+        KV cache: the T new queries against every key so far, the cache's and their own; kernels' attention()
+        sees Tq < Tk and builds the mask for queries that are the last positions, so this code is the same in
+        every case. RoPE rotates q and k *before* k enters the cache: cached keys keep their own positions."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -137,26 +152,17 @@ class Attention(nn.Module):
         if rope_cos_sin is not None:
             q, k = apply_rope(q, k, *rope_cos_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D) views, no copies
-        if cache is None:  # doc_mask: packed documents kept apart (the switch sends an explicit mask to SDPA)
-            y = attention(q, k, v, causal=True, mask=doc_mask)
-        else:
-            past = cache.pos
+        if cache is not None:  # decoding: attend to every cached position too (attention() builds the mask)
             k, v = cache.append(layer, k, v)
-            if past == 0:   # prefill: ordinary causal attention over the prompt
-                y = attention(q, k, v, causal=True)
-            else:
-                # new queries at positions past..past+T-1 see every cached key up to their own position. SDPA's
-                # is_causal aligns the mask top-left, which is wrong when Tq != Tk, so pass the mask explicitly
-                # (for the usual T = 1 decode step it is all True and we skip it).
-                mask = None
-                if T > 1:
-                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+        y = attention(q, k, v, causal=True, mask=doc_mask)  # doc_mask: packed documents kept apart
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.c_proj(y)
 
 
 class MLP(nn.Module):
+    """SwiGLU: c_proj(silu(gate) * up), with gate and up from one matmul, so the kernel reads both halves of
+    its output in place (kernels/swiglu.py); or the plain c_proj(silu(c_fc(x)))."""
+
     def __init__(self, config):
         super().__init__()
         self.gated = config.mlp == "swiglu"
@@ -170,6 +176,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm layer. Why it hands on (x, branch) instead of x + branch: the add and the next norm read and
+    write the same rows, so one kernel does both (add_rmsnorm) and the stream is read once instead of twice.
+    The arithmetic is exactly the textbook layer's (tests/test_model.py checks it against the plain loop)."""
+
     def __init__(self, config):
         super().__init__()
         self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
@@ -177,9 +187,15 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
-        x = x + self.attn(self.ln_1(x), rope_cos_sin, cache, layer, doc_mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, branch, rope_cos_sin, cache, layer, doc_mask=None):
+        """(x, branch) -> (x', branch'): the residual stream and the output still to be added to it (None before
+        the first block). x + branch is fused into ln_1, x + attention into ln_2 (see the docstring at the top)."""
+        if branch is None:
+            h = self.ln_1(x)
+        else:
+            x, h = self.ln_1(x, branch)
+        x, h = self.ln_2(x, self.attn(h, rope_cos_sin, cache, layer, doc_mask))
+        return x, self.mlp(h)
 
 
 def sinusoidal_table(n_pos, dim):
@@ -271,11 +287,12 @@ class GPT(nn.Module):
                 # sinusoidal, as in "Attention Is All You Need": embeddings scaled by sqrt(d) so the
                 # unit-amplitude sinusoids do not drown the token signal (embeddings are initialised at std 0.02)
                 x = x * math.sqrt(self.config.n_embd) + self.pe[pos].to(x.dtype)
+        branch = None  # each block hands on its MLP output unadded: the next norm fuses the add
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope_cos_sin, cache, layer, doc_mask)
+            x, branch = block(x, branch, rope_cos_sin, cache, layer, doc_mask)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x)
+        x = self.ln_f(x) if branch is None else self.ln_f(x, branch)[1]  # the last residual add, fused
         if last_only:
             x = x[:, -1:, :]
         if targets is None:

@@ -1,5 +1,6 @@
 """
-Benchmark: our Triton RMSNorm, RoPE and SwiGLU against their peers, forward and forward + backward, on one GPU.
+Benchmark: our Triton RMSNorm (plain and fused with the residual add), RoPE and SwiGLU against their peers,
+forward and forward + backward, on one GPU.
 
     python bench/kernels.py              # table + plot in bench/results/ (env BENCH_OUT); 1-2 minutes, mostly
                                          # torch.compile of the peers
@@ -95,6 +96,22 @@ def rmsnorm_case(M, N):
     el, bs = M * N, x.element_size()
     return dict(name=f"RMSNorm {M}x{N}", inputs=(x, w), grads=(dy,), impls=impls,
                 bytes_fwd=2 * el * bs, bytes_fb=5 * el * bs)
+
+
+def add_rmsnorm_case(M, N):
+    """The fused residual add + RMSNorm (kernels/rmsnorm.py's second lesson): (h, y) = (x + r, norm(x + r)).
+    Traffic: forward reads x, r and writes h, y; backward reads dh, dy, h and writes dx (= dr, one tensor)."""
+    x, r = (leaf(torch.randn(M, N, device=DEVICE, dtype=DTYPE)) for _ in range(2))
+    w = leaf(1 + 0.1 * torch.randn(N, device=DEVICE, dtype=DTYPE))
+    dh, dy = (torch.randn(M, N, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    impls = {
+        "ours": lambda x, r, w: rms.add_rmsnorm(x, r, w, EPS),
+        "eager twin": lambda x, r, w: rms.add_rmsnorm_torch(x, r, w, EPS),
+        "compile twin": torch.compile(lambda x, r, w: rms.add_rmsnorm_torch(x, r, w, EPS), dynamic=False),
+    }
+    el, bs = M * N, x.element_size()
+    return dict(name=f"add + RMSNorm {M}x{N}", inputs=(x, r, w), grads=(dh, dy), impls=impls,
+                bytes_fwd=4 * el * bs, bytes_fb=8 * el * bs)
 
 
 def rope_case(B, Hq, Hkv, T, D):
@@ -317,10 +334,10 @@ def sweep():
         tag = f"{M}x{N} x {str(xdt)[6:]} y/dy {str(dydt)[6:]}"
         for BM, nw in [default_fwd(M, N)[::2], (1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16)]:
             rms._fwd_config = lambda M_, N_, BM=BM, nw=nw: (BM, triton_next_pow2(N_), nw)
-            ms, _ = gpu_ms(lambda: rms._forward(x, w, EPS, dydt))
+            ms, _ = gpu_ms(lambda: rms._forward(x, None, w, EPS, dydt))
             print(f"  rmsnorm fwd {tag} BLOCK_M={BM} warps={nw}: {ms:.4f} ms {fwd_bytes / ms / 1e6:.0f} GB/s")
         rms._fwd_config = default_fwd
-        _, rstd = rms._forward(x, w, EPS, dydt)
+        _, _, rstd = rms._forward(x, None, w, EPS, dydt)
         BM0, _, nw0, G0 = default_bwd(M, N, 0)
         for BM, nw, per_sm in [(BM0, nw0, G0 / sms), (1, 4, 4), (1, 8, 2), (2, 4, 4), (2, 8, 2), (2, 16, 1),
                                (4, 8, 2), (4, 16, 1), (8, 16, 1)]:
@@ -328,7 +345,7 @@ def sweep():
                 continue
             rms._bwd_config = lambda M_, N_, d, BM=BM, nw=nw, per_sm=per_sm: (
                 BM, triton_next_pow2(N_), nw, max(1, min(int(per_sm * sms), -(-M_ // BM))))
-            ms, per_kernel = gpu_ms(lambda: rms._backward(dy, x, w, rstd))
+            ms, per_kernel = gpu_ms(lambda: rms._rmsnorm_bwd(dy, x, w, rstd, None))
             print(f"  rmsnorm bwd {tag} BLOCK_M={BM} warps={nw} programs/SM={per_sm:.2f}: {ms:.4f} ms "
                   f"{bwd_bytes / ms / 1e6:.0f} GB/s  [{_kernel_summary(per_kernel)}]")
         rms._bwd_config = default_bwd
@@ -355,8 +372,8 @@ def sweep():
                     min(triton_next_pow2(Hq_), max(1, cap // triton_next_pow2(D_ // 2))),
                     min(triton_next_pow2(Hkv_), max(1, cap // triton_next_pow2(D_ // 2))),
                     triton_next_pow2(D_ // 2), nw)
-            f, _ = gpu_ms(lambda: rope._launch(q, k, cos, sin, False))
-            b, _ = gpu_ms(lambda: rope._launch(dq, dk, cos, sin, True))
+            f, _ = gpu_ms(lambda: rope._rope(q, k, cos, sin, False))
+            b, _ = gpu_ms(lambda: rope._rope(dq, dk, cos, sin, True))
             print(f"  rope B{B} T{T} H{Hq}/{Hkv} D{D} cap={cap or 'default'} warps={nw or ''}: fwd {f:.4f} ms "
                   f"{nbytes / f / 1e6:.0f} GB/s, bwd {b:.4f} ms {nbytes / b / 1e6:.0f} GB/s")
             rope._config = default
@@ -594,6 +611,7 @@ def cross_entropy_model(presets=("parchment_166m", "lrc_1p5b"), steps=3):
 
 
 CASES = dict(rmsnorm=((rmsnorm_case, (16384, 4096)), (rmsnorm_case, (16384, 2048))),
+             add_rmsnorm=((add_rmsnorm_case, (16384, 768)), (add_rmsnorm_case, (16384, 2048))),
              rope=((rope_case, (8, 32, 8, 2048, 128)),),
              swiglu=((swiglu_case, (16384, 8192)), (swiglu_packed_case, (16384, 8192))))
 MODEL_SPECS = "torch;auto;auto,rmsnorm=torch;auto,rope=torch;auto,swiglu=torch;auto,attention=torch"
@@ -602,7 +620,7 @@ MODEL_SPECS = "torch;auto;auto,rmsnorm=torch;auto,rope=torch;auto,swiglu=torch;a
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
-    parser.add_argument("--only", default="rmsnorm,rope,swiglu", help="comma-separated subset of the cases")
+    parser.add_argument("--only", default="rmsnorm,add_rmsnorm,rope,swiglu", help="comma-separated subset of the cases")
     parser.add_argument("--no_table", action="store_true", help="skip the peer table (with --sweep / --model)")
     parser.add_argument("--model", action="store_true",
                         help="(alone) time a compiled GPT-2 124M micro-step per kernels spec")

@@ -72,17 +72,23 @@ The output is allocated (B, T, Hq, D) in memory and returned as its (B, Hq, T, D
 .transpose(1, 2).reshape(B, T, C) afterwards is free. Supported: head dim 16/32/64/128, fp16 and bf16
 (fp32 too: exact fp32 products, slow, for tests and the interpreter; Triton 3.9's interpreter gets bf16
 products wrong, so CPU tests use fp32 and fp16). Constants inside the kernels (log2 e = 1.4427, ln 2 = 0.6931)
-are written out: a Triton kernel may only read globals declared tl.constexpr. Under torch.compile the kernels are two
-opaque custom ops (nanoforge::flash_attn_fwd / _bwd) with fake implementations, wrapped in an
-autograd.Function that dynamo traces.
+are written out: a Triton kernel may only read globals declared tl.constexpr. Wiring (kernels/__init__.py):
+the two directions are the operators nanoforge::flash_attn_fwd / _bwd, triton_ops that torch.compile replaces
+by the kernels themselves, called from one autograd.Function. A compiled graph cannot time configs (it traces on
+shape-only tensors), so there each kernel runs the config an eager call already tuned, else its default.
+
+ONE ENTRY POINT. attention() at the bottom is the model's only way to attention: training (causal, or a
+document mask), prefill, and KV-cache decoding, where it builds the mask for queries that are the last
+positions (Tq < Tk); SDPA (the twin) is called nowhere else.
 """
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
-from kernels import HAS_TRITON, backend, interpreting, use_triton
+from kernels import HAS_TRITON, backend, interpreting, launcher, op, use_triton
 from kernels.attention_tuning import pick_config
 
 if HAS_TRITON:
@@ -138,6 +144,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     # grid (query blocks, Hq, B). Causal rows near the end see the most keys: launch them first (reversed
     # axis 0) so the long programs start early and the short ones fill the gaps at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes a Python float as fp64: keep the math in fp32
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # 64-bit offsets: B * H * T * D can pass 2^31
     kv = h // GROUP                    # GQA: the kv head this query head reads
@@ -245,6 +252,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
     # grid (key blocks, Hkv, B). Causal: early keys are seen by the most queries; axis 0 in order launches
     # those heaviest programs first.
     start_n = tl.program_id(0) * BLOCK_N
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # (see _attn_fwd)
     kv = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     Hq = tl.num_programs(1) * GROUP
@@ -291,6 +299,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
 def _dq_from_acc(DQACC, DQ, sdqb, sdqh, sdqt, T, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """dQ = c * DQACC, from the fp32 (B, Hq, T, D) sums of the atomic path to dQ's dtype and layout."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sm_scale = tl.cast(sm_scale, tl.float32)  # (see _attn_fwd)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -339,6 +348,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest first, as in the forward
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # (see _attn_fwd)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     kv = h // GROUP
@@ -415,8 +425,13 @@ def _bthd_empty(q):
 def _launch(kernel, grid_of, config, *args, **constexprs):
     bm, bn, warps, stages, maxnreg = (tuple(config) + (0,))[:5]
     options = {"maxnreg": maxnreg} if maxnreg else {}
-    kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                            **options)
+    launcher(kernel)[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                      num_stages=stages, **options)
+
+
+def _tracing(t):
+    """True while torch.compile traces the operator on shape-only tensors: nothing can be timed then."""
+    return is_fake(t)
 
 
 def _forward(q, k, v, causal, scale):
@@ -435,7 +450,7 @@ def _forward(q, k, v, causal, scale):
                 q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                 T, group, scale * LOG2E, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
 
-    launch(pick_config("fwd", launch, D, causal, q.dtype))
+    launch(pick_config("fwd", launch, D, causal, q.dtype, _tracing(q)))
     return o, lse
 
 
@@ -455,7 +470,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, deterministic=True):
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     delta = torch.empty_like(lse)
     block = 16 if interpreting() else 64
-    _bwd_delta[(triton.cdiv(T, block), Hq, B)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T,
+    launcher(_bwd_delta)[(triton.cdiv(T, block), Hq, B)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T,
                                               HEAD_DIM=D, BLOCK_M=block)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
@@ -474,49 +489,35 @@ def _backward(do, q, k, v, o, lse, causal, scale, deterministic=True):
                 q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3],
                 T, group, scale * LOG2E, scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=precision)
 
+    tracing = _tracing(q)
     if deterministic:
-        launch_dkdv(pick_config("dkdv", launch_dkdv, D, causal, q.dtype))
-        launch_dq(pick_config("dq", launch_dq, D, causal, q.dtype))
+        launch_dkdv(pick_config("dkdv", launch_dkdv, D, causal, q.dtype, tracing))
+        launch_dq(pick_config("dq", launch_dq, D, causal, q.dtype, tracing))
     else:
-        launch_dkdv(pick_config("fused", launch_dkdv, D, causal, q.dtype))
-        _dq_from_acc[(triton.cdiv(T, block), Hq, B)](dq_acc, dq, *dq.stride()[:3], T, scale, HEAD_DIM=D,
+        launch_dkdv(pick_config("fused", launch_dkdv, D, causal, q.dtype, tracing))
+        launcher(_dq_from_acc)[(triton.cdiv(T, block), Hq, B)](dq_acc, dq, *dq.stride()[:3], T, scale, HEAD_DIM=D,
                                                     BLOCK_M=block)
     return dq, dk, dv
 
 
-# ------------------------------------------------------------------- custom ops + autograd (torch.compile)
-# torch.compile must not trace into the launchers (Python-side autotuning, Triton's launch machinery), so each
-# direction is an opaque custom op; its fake implementation tells the compiler the output shapes and strides.
-@torch.library.custom_op("nanoforge::flash_attn_fwd", mutates_args=())
+# ------------------------------------------------------------- operators + autograd (kernels/__init__.py's wiring)
+@op("flash_attn_fwd")
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, scale)
 
 
-@flash_attn_fwd.register_fake
-def _(q, k, v, causal, scale):
-    B, Hq, T, D = q.shape
-    return _bthd_empty(q), q.new_empty(B, Hq, T, dtype=torch.float32)
-
-
-@torch.library.custom_op("nanoforge::flash_attn_bwd", mutates_args=())
+@op("flash_attn_bwd")
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, causal: bool, scale: float,
                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, o, lse, causal, scale, deterministic)
 
 
-@flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 class FlashAttention(torch.autograd.Function):
-    # Eager calls skip the custom-op dispatch (tens of microseconds of host time per call) and run the launchers
-    # directly; under torch.compile the ops are what the graph records.
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, deterministic):
-        o, lse = (flash_attn_fwd if torch.compiler.is_compiling() else _forward)(q, k, v, causal, scale)
+        o, lse = flash_attn_fwd(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)  # O and LSE: all the backward needs to rebuild P
         ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
         return o
@@ -524,8 +525,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        bwd = flash_attn_bwd if torch.compiler.is_compiling() else _backward
-        dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+        dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
@@ -533,6 +533,11 @@ def attention_triton(q, k, v, causal=True, scale=None, deterministic=None):
     """The Triton path, with its input checks (clear errors for what the kernel does not support).
     deterministic: how the backward computes dQ (see _backward); None: DETERMINISTIC (the environment's)."""
     _check_inputs(q, k, v)
+    return _flash(q, k, v, causal, scale, deterministic)
+
+
+def _flash(q, k, v, causal, scale, deterministic=None):
+    """The Triton path on inputs already checked (each call checks once: attention() or attention_triton())."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the row max of unscaled scores: right only for a positive scale
         raise ValueError(f"attention: softmax scale must be positive, got {scale}")
@@ -542,27 +547,41 @@ def attention_triton(q, k, v, causal=True, scale=None, deterministic=None):
 
 # ------------------------------------------------------------------------------------- twin and switch
 def attention_torch(q, k, v, causal=True, scale=None, mask=None):
-    """q (B, Hq, T, D), k and v (B, Hkv, T, D), Hq a multiple of Hkv. SDPA, no repeated K/V.
-    mask: bool, broadcastable to (B, Hq, T, T), True where a query may see a key; it replaces the causal rule
-    (e.g. model.py's block-diagonal causal mask for packed documents). SDPA then runs its memory-efficient
-    kernel (flash takes no mask), which has no native GQA: K and V are repeated over the group for it."""
-    if mask is not None:
-        group = q.shape[1] // k.shape[1]
+    """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D), Hq a multiple of Hkv. SDPA, no repeated K/V.
+    mask: bool, broadcastable to (B, Hq, Tq, Tk), True where a query may see a key; it replaces the causal rule
+    (model.py's block-diagonal causal mask for packed documents, attention()'s decode mask). SDPA then runs its
+    memory-efficient kernel (flash takes no mask), which has no native GQA: K and V are repeated over the
+    group for it. The same under the legacy ONNX exporter, which converts SDPA only without enable_gqa; else
+    enable_gqa is a Python bool computed from the shapes (that exporter also refuses a tensor there)."""
+    group = q.shape[1] // k.shape[1]
+    if mask is not None or torch.onnx.is_in_onnx_export():
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=bool(group > 1))
 
 
 def attention(q, k, v, causal=True, scale=None, mask=None):
-    """Causal (or full) grouped-query attention. Triton on CUDA; the twin elsewhere. In 'auto' mode a shape the
-    kernel does not cover (head dim outside HEAD_DIMS, query and key lengths that differ, as in KV-cache
-    decoding) goes to the twin; with NANOFORGE_KERNELS=attention=triton it is an error instead. An explicit
-    mask always goes to the twin: the Triton kernel knows only the causal rule."""
-    if mask is None and use_triton("attention", q, k, v):
-        if backend("attention") == "triton" or _kernel_covers(q, k, v):
-            return attention_triton(q, k, v, causal, scale)
+    """The one attention entry point: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D); causal (or full) grouped-query
+    attention. Triton on CUDA, the twin elsewhere (kernels/__init__.py); the model never calls SDPA itself.
+
+    Tq < Tk is KV-cache decoding: the Tq new queries sit at positions Tk - Tq .. Tk - 1, and query i sees the
+    keys j <= Tk - Tq + i. SDPA's is_causal aligns its mask top-left (right only for Tq = Tk), so this builds
+    the bottom-right mask (for the usual single new token it is all True: no mask at all). Decoding and an
+    explicit mask go to the twin, whatever the switch says: the Triton kernel knows only the square causal
+    rule. Otherwise, in 'auto' mode a shape the kernel does not cover (head dim outside HEAD_DIMS) goes to the
+    twin, and with NANOFORGE_KERNELS=attention=triton it is an error instead."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if mask is None and causal and Tq != Tk:
+        if Tq > 1:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        causal = False  # the mask (or, for one query, no mask) is the whole rule now
+    if mask is None and Tq == Tk and use_triton("attention", q, k, v):
+        if backend("attention") == "triton":
+            return attention_triton(q, k, v, causal, scale)  # checks, and refuses in words
+        if _kernel_covers(q, k, v):
+            return _flash(q, k, v, causal, scale)
     return attention_torch(q, k, v, causal, scale, mask)
 
 

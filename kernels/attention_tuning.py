@@ -112,13 +112,18 @@ _tuned = {}  # (kind, head_dim, causal, dtype) -> best config, found once by tim
 tune_log = {}  # the same key -> {config: ms} for every candidate timed (bench/attention.py prints it)
 
 
-def pick_config(kind, launch, head_dim, causal, dtype):
+def pick_config(kind, launch, head_dim, causal, dtype, tracing=False):
     """The config for this launch: fixed under the interpreter / fp32 / AUTOTUNE off, else the fastest of
     TUNE_CONFIGS (pruned to what fits in shared memory), timed once on the real arguments and remembered.
-    launch(config) runs the kernel; every kernel here overwrites its outputs, so timing it repeatedly is safe."""
+    launch(config) runs the kernel; every kernel here overwrites its outputs, so timing it repeatedly is safe.
+    tracing: torch.compile is recording the launch on shape-only tensors, so nothing can be timed: the config
+    an eager call already found, else the default; without maxnreg, which a recorded launch cannot pass."""
+    key = (kind, head_dim, causal, dtype)
+    if tracing:
+        config = _tuned.get(key) or default_config(kind, head_dim, dtype)
+        return tuple(config[:4]) + (0,) + tuple(config[5:])
     if interpreting() or dtype == torch.float32 or not AUTOTUNE:
         return default_config(kind, head_dim, dtype)
-    key = (kind, head_dim, causal, dtype)
     if key not in _tuned:
         timings, error = {}, None
         size = 128 if head_dim > 64 else 64

@@ -42,16 +42,34 @@ How the kernels are laid out, and why:
 Output dtype: y is in x's dtype, except under autocast, where it is the autocast dtype (output_dtype() says
 why: the consumers are matmuls that would cast it anyway, so writing bf16 directly saves traffic).
 
-torch.compile: the kernels are wrapped as torch.library custom ops (nanoforge::rmsnorm_fwd / _bwd) with a
-fake (shape-only) implementation and a registered backward, so the compiler keeps them as opaque calls
-inside one graph instead of breaking the graph at a Triton launch. Eager calls skip that machinery and use a
-plain torch.autograd.Function around the same launches (the comment above _RMSNorm says why).
+Wiring (kernels/__init__.py says why this pattern): the forward and backward are the operators
+nanoforge::rmsnorm_fwd / _bwd, triton_ops that torch.compile replaces by the kernels themselves, called from
+a torch.autograd.Function.
+
+THE SECOND LESSON: fused residual add + RMSNorm. A pre-norm transformer block does, twice per layer,
+
+    h = x + branch              (the residual stream picks up an attention or MLP output)
+    y = rmsnorm(h)              (the next sub-layer's input)
+
+Apart, that is: read x, read branch, write h; read h again, write y. Fused, one kernel reads x and branch and
+writes h (the stream goes on) and y: for a bf16 stream 8 bytes per element instead of 10, and one launch
+instead of two. The backward has the same shape. h's gradient arrives from two places: the norm (dy, through
+the formula above) and the residual stream itself (dh, from the layers after):
+
+    dh_total = rmsnorm_backward(dy) + dh        and   dx = dbranch = dh_total    (h = x + branch)
+
+so the backward kernel takes dh as one more input and adds it to dx in registers: one pass instead of a
+backward and a separate add. The kernels below are the plain ones with that switched on (HAS_RESIDUAL in the
+forward: h is stored, then normalised as stored, i.e. rounded to its dtype, exactly like the twin; HAS_DH in
+the backward). The forward saves h, not x and branch. model.py's Block uses it for every norm after the first:
+each norm fuses the residual add just before it, and the last block's is folded into the final norm.
 """
 import functools
+from typing import Optional
 
 import torch
 
-from kernels import HAS_TRITON, interpreting, use_triton
+from kernels import HAS_TRITON, interpreting, launcher, op, use_triton
 
 if HAS_TRITON:
     import triton
@@ -73,15 +91,23 @@ def rmsnorm_torch(x, weight, eps):
     return (y * weight.to(compute)).to(output_dtype(x))
 
 
+def add_rmsnorm_torch(x, residual, weight, eps):
+    """The fused lesson's twin: (h, y) with h = x + residual, y = rmsnorm_torch(h)."""
+    h = x + residual
+    return h, rmsnorm_torch(h, weight, eps)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. HAS_RESIDUAL / HAS_DH switch on the second lesson (the fused residual add, at the end of the
+# docstring); with them off, the kernels are plain RMSNorm and the compiler drops the unused branches.
 # ----------------------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
-    def _rmsnorm_fwd_kernel(X, W, Y, RSTD, M, N, stride_xm, stride_ym, eps,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rmsnorm_fwd_kernel(X, R, H, W, Y, RSTD, M, N, stride_xm, stride_rm, stride_ym, eps,
+                            HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # this program's tile: rows [pid*BLOCK_M, pid*BLOCK_M + BLOCK_M), all N columns (masked past N / M)
+        eps = tl.cast(eps, tl.float32)  # inductor passes a Python float as fp64: keep the math in fp32
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < N
@@ -89,6 +115,11 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)  # row * stride can pass 2^31 on big tensors
 
         x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:  # h = x + r, stored (H is contiguous), then normalised *as stored*, like the twin
+            r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = (x + r).to(H.dtype.element_ty)
+            tl.store(H + rows64[:, None] * N + cols[None, :], h, mask=mask)
+            x = h.to(tl.float32)
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         # masked lanes hold 0, so they add nothing to sum(x^2); divide by the true N
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
@@ -97,19 +128,23 @@ if HAS_TRITON:
         tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_rows(X, DY, RSTD, rows, cols, col_ok, M, stride_xm, stride_dym):
-        # x and dy of a tile of rows (kept in their storage dtype until used), and the rows' rstd
+    def _load_rows(X, DY, DH, RSTD, rows, cols, col_ok, M, stride_xm, stride_dym, stride_dhm,
+                   HAS_DH: tl.constexpr):
+        # x, dy (and dh) of a tile of rows (kept in their storage dtype until used), and the rows' rstd
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)  # row * stride can pass 2^31 on big tensors
         x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+        dh = 0.0
+        if HAS_DH:
+            dh = tl.load(DH + rows64[:, None] * stride_dhm + cols[None, :], mask=mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        return x, dy, rstd
+        return x, dy, dh, rstd
 
     @triton.jit
-    def _rmsnorm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dym, stride_xm, stride_dxm,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rmsnorm_bwd_kernel(DY, X, DH, W, RSTD, DX, DW_PARTIAL, M, N, stride_dym, stride_xm, stride_dhm, stride_dxm,
+                            HAS_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # persistent: program pid handles row tiles pid, pid + G, pid + 2G, ... (G = number of programs)
         pid = tl.program_id(0)
         step = tl.num_programs(0) * BLOCK_M
@@ -118,22 +153,25 @@ if HAS_TRITON:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)  # loaded once, reused for every row
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # this program's share of dw, in registers
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        x, dy, rstd = _load_rows(X, DY, RSTD, rows, cols, col_ok, M, stride_xm, stride_dym)
+        x, dy, dh, rstd = _load_rows(X, DY, DH, RSTD, rows, cols, col_ok, M, stride_xm, stride_dym, stride_dhm,
+                                     HAS_DH)
         for _ in range(pid * BLOCK_M, M, step):
             # software pipelining by hand: start loading this program's next tile now, so those bytes are in
             # flight while this tile's reductions run (past the last row the loads are masked: no traffic)
-            x_next, dy_next, rstd_next = _load_rows(X, DY, RSTD, rows + step, cols, col_ok, M, stride_xm,
-                                                    stride_dym)
+            x_next, dy_next, dh_next, rstd_next = _load_rows(X, DY, DH, RSTD, rows + step, cols, col_ok, M,
+                                                             stride_xm, stride_dym, stride_dhm, HAS_DH)
             x_hat = x.to(tl.float32) * rstd[:, None]
             dyf = dy.to(tl.float32)
             g = dyf * w[None, :]
             c = tl.sum(g * x_hat, axis=1) / N  # mean(g * x_hat), one per row
             dx = (g - x_hat * c[:, None]) * rstd[:, None]
+            if HAS_DH:  # fused residual: h's gradient also arrives along the residual stream
+                dx += dh.to(tl.float32)
             mask = (rows < M)[:, None] & col_ok[None, :]
             tl.store(DX + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty),
                      mask=mask)
             dw_acc += dyf * x_hat  # masked rows/cols are 0 * 0: no contribution
-            x, dy, rstd, rows = x_next, dy_next, rstd_next, rows + step
+            x, dy, dh, rstd, rows = x_next, dy_next, dh_next, rstd_next, rows + step
         # one fp32 partial row per program, summed over its rows in a fixed order
         tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
@@ -197,110 +235,98 @@ def _as_rows(t, N):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The launches: forward, backward (the two stages of dw included)
+# The operators (kernels/__init__.py's one wiring): each allocates its outputs and launches the kernels
 # ----------------------------------------------------------------------------------------------------------
-def _forward(x, weight, eps, out_dtype):
-    """(y in out_dtype, rstd fp32 per row)."""
+def _forward(x, residual, weight, eps, out_dtype):
+    """(h or None, y in out_dtype, rstd fp32 per row); with a residual, h = x + residual is what is normalised."""
     N = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    h = None if residual is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
+                                                  device=x.device)
     x2, weight = _as_rows(x, N), weight.contiguous()
+    r2 = x2 if residual is None else _as_rows(residual, N)  # (not read without a residual)
     M = x2.shape[0]
-    if M == 0:
-        return y, rstd
-    BLOCK_M, BLOCK_N, num_warps = _fwd_config(M, N)
-    _rmsnorm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-        x2, weight, y, rstd, M, N, x2.stride(0), N, eps,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    if M > 0:
+        BLOCK_M, BLOCK_N, num_warps = _fwd_config(M, N)
+        launcher(_rmsnorm_fwd_kernel)[(triton.cdiv(M, BLOCK_M),)](
+            x2, r2, y if h is None else h, weight, y, rstd, M, N, x2.stride(0), r2.stride(0), N, eps,
+            HAS_RESIDUAL=h is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    return h, y, rstd
+
+
+@op("rmsnorm_fwd")
+def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    _, y, rstd = _forward(x, None, weight, eps, out_dtype)
     return y, rstd
 
 
-def _backward(dy, x, weight, rstd):
-    """(dx in x's dtype, dw in weight's dtype); dy may have another dtype than x (autocast: bf16 dy, fp32 x)."""
+@op("add_rmsnorm_fwd")
+def _add_rmsnorm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, residual, weight, eps, out_dtype)
+
+
+@op("rmsnorm_bwd")
+def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 dh: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dw in weight's dtype); dy may have another dtype than x (autocast: bf16 dy, fp32 x).
+    dh: the gradient reaching x along the residual stream (the fused add), added to dx; None: plain RMSNorm."""
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     x2, dy2, weight = _as_rows(x, N), _as_rows(dy, N), weight.contiguous()
+    dh2 = dy2 if dh is None else _as_rows(dh, N)  # (not read without dh)
     M = x2.shape[0]
     if M == 0:
         return dx, dw.zero_()
     BLOCK_M, BLOCK_N, num_warps, G = _bwd_config(M, N, x.device.index)
     dw_partial = torch.empty((G, N), dtype=torch.float32, device=x.device)
-    _rmsnorm_bwd_kernel[(G,)](
-        dy2, x2, weight, rstd.reshape(-1), dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), N,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    launcher(_rmsnorm_bwd_kernel)[(G,)](
+        dy2, x2, dh2, weight, rstd.reshape(-1), dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dh2.stride(0),
+        N, HAS_DH=dh is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
     _reduce_partials(dw_partial, dw)
     return dx, dw
 
 
 def _reduce_partials(dw_partial, dw):
-    """dw = dw_partial.sum(0) in a fixed order, cast to dw's dtype. [128, 32] fp32 tiles: 16 KB per load,
-    and 32 columns = one 128-byte line of each partial row."""
+    """dw = dw_partial.sum(0) in a fixed order, cast to dw's dtype. [128, 32] fp32 tiles: 16 KB per load, and
+    32 columns = one 128-byte line of each partial row."""
     G, N = dw_partial.shape
-    _dw_reduce_kernel[(triton.cdiv(N, 32),)](dw_partial, dw, G, N, BLOCK_G=128, BLOCK_N=32, num_warps=4)
+    launcher(_dw_reduce_kernel)[(triton.cdiv(N, 32),)](dw_partial, dw, G, N, BLOCK_G=128, BLOCK_N=32, num_warps=4)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autograd, twice: a torch.autograd.Function for eager mode, custom ops for torch.compile
-# ----------------------------------------------------------------------------------------------------------
-# Why two wrappers around the same launches. torch.compile cannot look inside a Triton launch written in
-# Python, so it needs an opaque op with a fake (shape-only) implementation: torch.library.custom_op. But in
-# eager mode that op costs the dispatcher, the op's own Python layer and its autograd wrapper on every call,
-# around a hundred microseconds per forward + backward on the host -- as long as the whole backward kernel on
-# the GPU at training sizes, so an eager caller would wait on Python. Eager calls therefore take a plain
-# autograd.Function (tens of microseconds), and only code being compiled sees the custom op.
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        y, rstd = _forward(x, weight, eps, out_dtype)
+        y, rstd = _rmsnorm_fwd(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(dy, x, weight, rstd)
+        dx, dw = _rmsnorm_bwd(dy, x, weight, rstd, None)
         return dx, dw, None, None
 
 
-@torch.library.custom_op("nanoforge::rmsnorm_fwd", mutates_args=())
-def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, eps, out_dtype)
+class _AddRMSNorm(torch.autograd.Function):
+    """h = x + residual, y = rmsnorm(h). Saves h (not x and residual): the backward needs only the normalised
+    row. dh, h's gradient from the rest of the residual stream, joins dx inside the backward kernel, and that
+    sum is the gradient of both x and residual (d h / d x = d h / d residual = 1)."""
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        h, y, rstd = _add_rmsnorm_fwd(x, residual, weight, eps, out_dtype)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype)
+        return h, y
 
-
-@_rmsnorm_fwd.register_fake
-def _(x, weight, eps, out_dtype):
-    return (torch.empty(x.shape, dtype=out_dtype, device=x.device),
-            torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
-
-
-@torch.library.custom_op("nanoforge::rmsnorm_bwd", mutates_args=())
-def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, weight, rstd)
-
-
-@_rmsnorm_bwd.register_fake
-def _(dy, x, weight, rstd):
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, _eps, _out_dtype = inputs
-    _y, rstd = output
-    ctx.save_for_backward(x, weight, rstd)
-    ctx.mark_non_differentiable(rstd)
-
-
-def _op_backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = _rmsnorm_bwd(dy, x, weight, rstd)
-    return dx, dw, None, None
-
-
-_rmsnorm_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dh, dy):
+        h, weight, rstd = ctx.saved_tensors  # (an output the loss never used arrives as zeros: autograd's default)
+        dx, dw = _rmsnorm_bwd(dy, h, weight, rstd, dh)
+        return dx.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dw, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,8 +364,17 @@ def rmsnorm(x, weight, eps=1e-5):
     y is in x's dtype, or in the autocast dtype under autocast (see output_dtype)."""
     if use_triton("rmsnorm", x, weight):
         _check(x, weight)
-        if torch.compiler.is_compiling():
-            y, _rstd = _rmsnorm_fwd(x, weight, float(eps), output_dtype(x))
-            return y
         return _RMSNorm.apply(x, weight, float(eps), output_dtype(x))
     return rmsnorm_torch(x, weight, eps)
+
+
+def add_rmsnorm(x, residual, weight, eps=1e-5):
+    """(h, y): h = x + residual (in their promoted dtype) and y = rmsnorm(h, weight, eps), in one pass over
+    memory: the second lesson of this file (see the docstring). y's dtype follows rmsnorm's rule."""
+    if use_triton("rmsnorm", x, residual, weight):
+        _check(x, weight)
+        if residual.shape != x.shape or residual.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"add_rmsnorm: residual must be float32/bfloat16/float16 of x's shape "
+                             f"{tuple(x.shape)}; got {tuple(residual.shape)} {residual.dtype}")
+        return _AddRMSNorm.apply(x, residual, weight, float(eps), output_dtype(x))
+    return add_rmsnorm_torch(x, residual, weight, eps)

@@ -34,13 +34,13 @@ How the kernel is laid out, and why:
     sees an input modified in place.
   * Token offsets are computed in int64: b * stride_b overflows int32 on big activations.
 
-torch.compile: the kernel is wrapped as the custom op nanoforge::rope with a fake implementation and a
-registered backward (which is the same op with inverse=True), so the compiler keeps it inside the graph.
-Eager calls use a plain torch.autograd.Function around the same launch (cheaper on the host; see below).
+Wiring (kernels/__init__.py says why this pattern): the kernel is the operator nanoforge::rope, a triton_op
+that torch.compile replaces by the kernel itself, called forward (inverse=False) and backward (inverse=True)
+from a torch.autograd.Function.
 """
 import torch
 
-from kernels import HAS_TRITON, use_triton
+from kernels import HAS_TRITON, launcher, op, use_triton
 
 if HAS_TRITON:
     import triton
@@ -129,7 +129,13 @@ def _config(Hq, Hkv, D):
     return BLOCK_HQ, BLOCK_HK, BLOCK_D, 4
 
 
-def _launch(q, k, cos, sin, inverse):
+# ----------------------------------------------------------------------------------------------------------
+# The operator (kernels/__init__.py's one wiring) and its autograd: the backward is the same operator with
+# inverse=True (rotating by -a undoes the rotation by a)
+# ----------------------------------------------------------------------------------------------------------
+@op("rope")
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     qo = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
@@ -137,7 +143,7 @@ def _launch(q, k, cos, sin, inverse):
     if B * T == 0:
         return qo, ko
     BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps = _config(Hq, Hkv, D)
-    _rope_kernel[(B * T,)](
+    launcher(_rope_kernel)[(B * T,)](
         q, k, qo, ko, cos, sin, T, Hq, Hkv, D // 2,
         *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
         SIGN=-1.0 if inverse else 1.0, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_D=BLOCK_D,
@@ -145,13 +151,6 @@ def _launch(q, k, cos, sin, inverse):
     return qo, ko
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autograd, twice: a torch.autograd.Function for eager mode, a custom op for torch.compile
-# ----------------------------------------------------------------------------------------------------------
-# torch.compile needs an opaque op with a fake implementation (it cannot trace into a Triton launch): the
-# custom op nanoforge::rope. In eager mode that op's dispatcher and autograd layers cost ~100 us of host time
-# per forward + backward, more than both kernels take on the GPU at training sizes; eager calls therefore use
-# a plain autograd.Function around the same launch, and only code being compiled sees the custom op.
 def _fill_missing(dq, dk, shapes):
     """A gradient autograd did not supply (an output the loss never used) is zero."""
     like = dk if dq is None else dq
@@ -165,44 +164,14 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.shapes = (q.shape, k.shape)
-        return _launch(q, k, cos, sin, False)
+        return _rope(q, k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         dq, dk = _fill_missing(dq, dk, ctx.shapes)
-        dq_in, dk_in = _launch(dq, dk, cos, sin, True)
+        dq_in, dk_in = _rope(dq, dk, cos, sin, True)
         return dq_in, dk_in, None, None  # no gradient for the tables: they are constants
-
-
-@torch.library.custom_op("nanoforge::rope", mutates_args=())
-def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(q, k, cos, sin, inverse)
-
-
-@_rope.register_fake
-def _(q, k, cos, sin, inverse):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(k.shape, dtype=k.dtype, device=k.device))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, cos, sin, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
-    ctx.shapes = (q.shape, k.shape)
-
-
-def _op_backward(ctx, dq, dk):
-    cos, sin = ctx.saved_tensors
-    if dq is None or dk is None:
-        dq, dk = _fill_missing(dq, dk, ctx.shapes)
-    dq_in, dk_in = _rope(dq, dk, cos, sin, not ctx.inverse)
-    return dq_in, dk_in, None, None, None
-
-
-_rope.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,7 +202,5 @@ def apply_rope(q, k, cos, sin):
     """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) by the angles in cos, sin (T, D/2); returns new (q, k)."""
     if use_triton("rope", q, k, cos, sin):
         _check(q, k, cos, sin)
-        if torch.compiler.is_compiling():
-            return _rope(q, k, cos, sin, False)
         return _Rope.apply(q, k, cos, sin)
     return apply_rope_torch(q, k, cos, sin)

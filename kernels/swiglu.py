@@ -27,13 +27,14 @@ the leading dims flatten, a copy otherwise; the last dimension must be contiguou
 is 1-D over [BLOCK_M, BLOCK_F] tiles of ~2K elements; row offsets are int64 (M * stride passes 2^31 on big
 activations). A 1-D grid avoids the 65535 limit on the second grid dimension for long (M) tensors.
 
-torch.compile: wrapped as custom ops nanoforge::swiglu_fwd / _bwd and nanoforge::swiglu_packed_fwd / _bwd,
-with fake implementations and registered backwards, so the compiler keeps them inside one graph.
+Wiring (kernels/__init__.py says why this pattern): the launches are the operators nanoforge::swiglu_fwd /
+_bwd and nanoforge::swiglu_packed_fwd / _bwd, triton_ops that torch.compile replaces by the kernels themselves,
+called from one torch.autograd.Function.
 """
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, use_triton
+from kernels import HAS_TRITON, launcher, op, use_triton
 
 if HAS_TRITON:
     import triton
@@ -113,92 +114,69 @@ def _fwd(a2, b2, c2):
     """c2 = silu(a2) * b2 on (M, F) views with unit column stride."""
     M, F_ = a2.shape
     grid, meta = _grid_config(M, F_)
-    _swiglu_fwd_kernel[grid](a2, b2, c2, M, F_, a2.stride(0), b2.stride(0), c2.stride(0), **meta)
+    launcher(_swiglu_fwd_kernel)[grid](a2, b2, c2, M, F_, a2.stride(0), b2.stride(0), c2.stride(0), **meta)
 
 
 def _bwd(dc2, a2, b2, da2, db2):
     M, F_ = a2.shape
     grid, meta = _grid_config(M, F_)
-    _swiglu_bwd_kernel[grid](dc2, a2, b2, da2, db2, M, F_, dc2.stride(0), a2.stride(0), b2.stride(0),
-                             da2.stride(0), db2.stride(0), **meta)
+    launcher(_swiglu_bwd_kernel)[grid](dc2, a2, b2, da2, db2, M, F_, dc2.stride(0), a2.stride(0), b2.stride(0),
+                                       da2.stride(0), db2.stride(0), **meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile sees) and their autograd
+# The operators (kernels/__init__.py's one wiring) and their autograd
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("nanoforge::swiglu_fwd", mutates_args=())
+@op("swiglu_fwd")
 def _swiglu_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     F_ = a.shape[-1]
     c = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    if c.numel() == 0:
-        return c
-    _fwd(_as_rows(a, F_), _as_rows(b, F_), c.view(-1, F_))
+    if c.numel() > 0:
+        _fwd(_as_rows(a, F_), _as_rows(b, F_), c.view(-1, F_))
     return c
 
 
-@_swiglu_fwd.register_fake
-def _(a, b):
-    return torch.empty(a.shape, dtype=a.dtype, device=a.device)
-
-
-@torch.library.custom_op("nanoforge::swiglu_bwd", mutates_args=())
+@op("swiglu_bwd")
 def _swiglu_bwd(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     F_ = a.shape[-1]
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-    if da.numel() == 0:
-        return da, db
-    _bwd(_as_rows(dc, F_), _as_rows(a, F_), _as_rows(b, F_), da.view(-1, F_), db.view(-1, F_))
+    if da.numel() > 0:
+        _bwd(_as_rows(dc, F_), _as_rows(a, F_), _as_rows(b, F_), da.view(-1, F_), db.view(-1, F_))
     return da, db
 
 
-@_swiglu_bwd.register_fake
-def _(dc, a, b):
-    return (torch.empty(a.shape, dtype=a.dtype, device=a.device),
-            torch.empty(b.shape, dtype=b.dtype, device=b.device))
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # a, b (or ab): the inputs, never c
-
-
-_swiglu_fwd.register_autograd(lambda ctx, dc: _swiglu_bwd(dc, *ctx.saved_tensors), setup_context=_save_inputs)
-
-
-@torch.library.custom_op("nanoforge::swiglu_packed_fwd", mutates_args=())
+@op("swiglu_packed_fwd")
 def _swiglu_packed_fwd(ab: torch.Tensor) -> torch.Tensor:
     F_ = ab.shape[-1] // 2
     c = torch.empty((*ab.shape[:-1], F_), dtype=ab.dtype, device=ab.device)
-    if c.numel() == 0:
-        return c
-    ab2 = _as_rows(ab, 2 * F_)
-    _fwd(ab2[:, :F_], ab2[:, F_:], c.view(-1, F_))  # views: row stride 2F, no copies
+    if c.numel() > 0:
+        ab2 = _as_rows(ab, 2 * F_)
+        _fwd(ab2[:, :F_], ab2[:, F_:], c.view(-1, F_))  # views: row stride 2F, no copies
     return c
 
 
-@_swiglu_packed_fwd.register_fake
-def _(ab):
-    return torch.empty((*ab.shape[:-1], ab.shape[-1] // 2), dtype=ab.dtype, device=ab.device)
-
-
-@torch.library.custom_op("nanoforge::swiglu_packed_bwd", mutates_args=())
+@op("swiglu_packed_bwd")
 def _swiglu_packed_bwd(dc: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     F_ = ab.shape[-1] // 2
     dab = torch.empty(ab.shape, dtype=ab.dtype, device=ab.device)
-    if dab.numel() == 0:
-        return dab
-    ab2, dab2 = _as_rows(ab, 2 * F_), dab.view(-1, 2 * F_)
-    _bwd(_as_rows(dc, F_), ab2[:, :F_], ab2[:, F_:], dab2[:, :F_], dab2[:, F_:])  # da, db: the two halves
+    if dab.numel() > 0:
+        ab2, dab2 = _as_rows(ab, 2 * F_), dab.view(-1, 2 * F_)
+        _bwd(_as_rows(dc, F_), ab2[:, :F_], ab2[:, F_:], dab2[:, :F_], dab2[:, F_:])  # da, db: the two halves
     return dab
 
 
-@_swiglu_packed_bwd.register_fake
-def _(dc, ab):
-    return torch.empty(ab.shape, dtype=ab.dtype, device=ab.device)
+class _SwiGLU(torch.autograd.Function):
+    """Both forms: saves the inputs (a, b or ab), never c; the backward recomputes what it needs from them."""
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return _swiglu_fwd(*inputs) if len(inputs) == 2 else _swiglu_packed_fwd(*inputs)
 
-
-_swiglu_packed_fwd.register_autograd(lambda ctx, dc: _swiglu_packed_bwd(dc, *ctx.saved_tensors),
-                                     setup_context=_save_inputs)
+    @staticmethod
+    def backward(ctx, dc):
+        inputs = ctx.saved_tensors
+        return _swiglu_bwd(dc, *inputs) if len(inputs) == 2 else _swiglu_packed_bwd(dc, *inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,7 +196,7 @@ def swiglu(a, b):
         if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
             raise ValueError(f"swiglu: a and b must match in shape, dtype and device; got a {tuple(a.shape)} "
                              f"{a.dtype} {a.device}, b {tuple(b.shape)} {b.dtype} {b.device}")
-        return _swiglu_fwd(a, b)
+        return _SwiGLU.apply(a, b)
     return swiglu_torch(a, b)
 
 
@@ -228,5 +206,5 @@ def swiglu_packed(ab):
         _check_dtype(ab=ab)
         if ab.dim() < 1 or ab.shape[-1] % 2:
             raise ValueError(f"swiglu_packed: last dimension must be even (2F), got shape {tuple(ab.shape)}")
-        return _swiglu_packed_fwd(ab)
+        return _SwiGLU.apply(ab)
     return swiglu_packed_torch(ab)

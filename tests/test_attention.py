@@ -238,6 +238,22 @@ def test_switch(monkeypatch):
     torch.testing.assert_close(forced, twin_out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto,attention=triton"])
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_decode_mask_when_queries_are_the_last_positions(Tq, backend):
+    """KV-cache decoding: Tq new queries against Tk cached keys are the last Tq rows of full causal attention
+    (the bottom-right mask; SDPA's is_causal would align it top-left). Forced Triton too: decoding goes to the
+    twin, not to an error."""
+    q, k, v = make_qkv(2, 4, 2, 11, 64, torch.float32)
+    full = A.attention_torch(q, k, v, causal=True)
+    try:
+        kernels.set_backend(backend)
+        new = A.attention(q[:, :, -Tq:], k, v, causal=True)
+    finally:
+        kernels.set_backend("auto")
+    torch.testing.assert_close(new, full[:, :, -Tq:], rtol=1e-5, atol=1e-5)
+
+
 def test_compile_aot_eager():
     """torch.compile traces the autograd.Function and keeps the custom ops opaque: no graph break."""
     q, k, v = (x.requires_grad_() for x in make_qkv(2, 4, 2, 20, 64, torch.float32))

@@ -92,6 +92,39 @@ def test_kv_cache_decoding_equals_recomputation(kw):
     assert cache.pos == 17
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton,attention=torch"])
+def test_fused_residual_blocks_compute_the_textbook_block(backend):
+    """Block hands its MLP output on unadded, so the next norm can fuse the add (kernels/rmsnorm.py). The
+    logits and gradients must be those of the textbook pre-norm loop x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)),
+    written here with the twins; 'triton' runs the fused kernels (the interpreter on CPU; the small test
+    model's head dim 8 is below the attention kernel's 16)."""
+    from kernels import set_backend
+    from kernels.rmsnorm import rmsnorm_torch
+    model = small(n_layer=3)
+    idx = torch.randint(0, 101, (2, 13))
+
+    def textbook():
+        x = model.wte(idx)
+        cos_sin = (model.rope_cos[:13], model.rope_sin[:13])
+        for layer, b in enumerate(model.blocks):
+            x = x + b.attn(rmsnorm_torch(x, b.ln_1.weight, b.ln_1.eps), cos_sin, None, layer)
+            x = x + b.mlp(rmsnorm_torch(x, b.ln_2.weight, b.ln_2.eps))
+        return model.lm_head(rmsnorm_torch(x, model.ln_f.weight, model.ln_f.eps))
+
+    try:
+        set_backend(backend)
+        ours = model(idx)[0]
+        g_ours = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
+        set_backend("torch")
+        ref = textbook()
+        g_ref = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    finally:
+        set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_head_dim_differs_from_width():
     model = small(n_embd=48, n_head=6, n_kv_head=2, head_dim=16)   # 6 x 16 = 96 query dims > 48
     assert model.blocks[0].attn.c_attn.weight.shape == (96 + 2 * 2 * 16, 48)
