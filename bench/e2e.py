@@ -162,7 +162,7 @@ def time_nanogpt(path, batch_size, args):
 
 def gpu_peak():
     try:
-        from train import GPU_PEAK_FLOPS
+        from checkpoint import GPU_PEAK_FLOPS
     except Exception:
         return None
     name = gpu_name()
@@ -172,7 +172,7 @@ def gpu_peak():
 # ---- the report ------------------------------------------------------------------------------------------------
 def write_report(rows, stamp, args):
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "e2e.json"), "w") as f:
+    with open(os.path.join(RESULTS_DIR, f"{args.results}.json"), "w") as f:
         json.dump({**stamp, "rows": rows}, f, indent=1)
     full = {p: read_config_file(os.path.join(ROOT, "config", f"{p}.py")).get("n_layer", 12) for p in PRESETS}
     by = {(r["preset"], r["kernels"]): r for r in rows}
@@ -195,7 +195,7 @@ def write_report(rows, stamp, args):
         lines.append(f"| {r['preset']} | {layers} | {r['kernels']} | {tok} | {mfu} | {mem} | "
                      f"{ratio(torch_row) if r['kernels'] == 'auto' else ''} | {vs_nano} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS_DIR, "e2e.md"), "w") as f:
+    with open(os.path.join(RESULTS_DIR, f"{args.results}.md"), "w") as f:
         f.write(text)
     print(text)
 
@@ -209,6 +209,8 @@ def parse_args(argv):
     p.add_argument("--nanogpt", default="", help="a copy of karpathy/nanoGPT: also time its bench.py")
     p.add_argument("--compile_mode", default="", help="passed to train.py as --compile_mode when given")
     p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per run before it counts as failed")
+    p.add_argument("--results", default="e2e", help="bench/results/<this>.{md,json}: another name keeps a "
+                   "second invocation (another compile_mode, say) from replacing the first's table")
     p.add_argument("--logs", default="", help="folder for the runs' logs (default: a temporary folder)")
     args = p.parse_args(argv)
     args.presets = [x for x in args.presets.split(",") if x]
