@@ -55,6 +55,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # The quick start's data: CC BY 4.0 OpenStax books (README: "The sample"), prepared on first use by ensure_sample
 SAMPLE = os.path.join(ROOT, "assets", "openstax_cc_by_sample.jsonl.gz")
 SAMPLE_DIR_NAME = "openstax_sample"
+SAMPLE_TOKENIZER = "assets/openstax_4k.json"  # prepare_tokenizer.py's 4,096-token BPE of that sample (README)
 BATCH_DOCS = 256           # documents read ahead per source: what bounds memory, whatever the source's length
 
 
@@ -415,13 +416,13 @@ def main(argv=None):
 
 def ensure_sample(data_dir):
     """The quick start's data, made on first use: train.py calls this when its data_dir is missing. Only a folder
-    named like the sample's (data/openstax_sample) is prepared, from assets/ with gpt2; for any other missing
+    named like the sample's (data/openstax_sample) is prepared, from assets/ with SAMPLE_TOKENIZER; for any other missing
     folder it does nothing and returns False (train.py then says the folder is missing)."""
     if os.path.basename(os.path.normpath(data_dir)) != SAMPLE_DIR_NAME:
         return False
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         print(f"{data_dir} not found: preparing it from the OpenStax sample in assets/ (once, a few seconds)")
-        main(["--local", SAMPLE, "--out_dir", data_dir, "--tokenizer", "gpt2", "--val_tokens", "1e5"])
+        main(["--local", SAMPLE, "--out_dir", data_dir, "--tokenizer", SAMPLE_TOKENIZER, "--val_tokens", "1e5"])
     return True
 
 

@@ -52,6 +52,8 @@ def get_encoding(spec):
         return load_gpt2()
     if os.path.isfile(spec):
         return load_file(spec)
+    if not os.path.isabs(spec) and os.path.isfile(os.path.join(ROOT, spec)):
+        return load_file(os.path.join(ROOT, spec))  # a repository file (assets/...) from any working directory
     import tiktoken
     if spec in tiktoken.list_encoding_names():
         return load_tiktoken_name(spec)
