@@ -64,6 +64,11 @@ class DataError(ValueError):
 
 
 # ---- reading: documents as plain strings, every problem named by file and line ---------------------------------
+# Reading happens here, in the main process, and only tokenizing goes to the pool. So a bad row raises a DataError
+# right where it is read, naming its file and line, instead of surfacing as a traceback from inside a worker
+# (where the row's origin is long lost). main() prints a DataError as one line and stops before any shard is
+# kept. Files are read as bytes and decoded line by line for the same reason: Python's text mode would report
+# a non-UTF-8 byte as a position in a buffer, not as a line of the file.
 def local_paths(patterns):
     """The files that local patterns (paths or globs) name, sorted; a pattern matching nothing is an error."""
     paths = set()
@@ -90,6 +95,7 @@ def iter_local(patterns, text_field="text"):
 
 
 def decode_utf8(raw, where):
+    """bytes -> str, or a DataError naming where the first non-UTF-8 byte is and how to convert the file."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -114,6 +120,7 @@ def iter_jsonl(path, text_field):
 
 
 def iter_parquet(path, text_field):
+    """One column of a parquet file, batch by batch (parquet is columnar: only that column is read)."""
     import pyarrow.parquet as pq
     f = pq.ParquetFile(path)
     if text_field not in f.schema_arrow.names:
@@ -163,6 +170,8 @@ def iter_hub(name, config, text_field="text", min_score=None, score_field=HUB_SC
 
 
 # ---- tokenizing, a bounded batch at a time ----------------------------------------------------------------------
+# Each worker process loads the tokenizer once (the initializer), then turns texts into uint32 arrays. tiktoken
+# releases the GIL, but one process per core is still the simplest way to use every core for a 1B-token run.
 _enc = None
 
 
@@ -190,6 +199,10 @@ def interleave(sources, weights, tokens_of, counts=None):
     (emitted_i / weight_i smallest). Deterministic (no randomness at all), exact in tokens rather than in
     documents, and lazy: a source is read only when it is its turn. `counts`, if given, is a list of
     [documents, tokens] per source, updated as documents go out."""
+    # Why "furthest below its share" gives the weights: after n tokens in all, source i has emitted_i tokens and
+    # is owed w_i * n. Picking the smallest emitted_i / w_i always serves the source most in debt, so every share
+    # stays within about one (longest) document of w_i * n: an error in share of ~ (longest document) / n, which
+    # shrinks as the output grows. A source that runs dry leaves; the others keep their relative weights.
     emitted = [0] * len(sources)
     alive = list(range(len(sources)))
     while alive:
@@ -208,6 +221,9 @@ def interleave(sources, weights, tokens_of, counts=None):
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
+# Shards hold whole documents for validation (so bits per byte is measured on complete texts) and exactly
+# shard_size tokens for training (a document may continue into the next train shard: training reads a flat
+# stream of tokens, and the end-of-text token before each document says where one starts).
 class ShardWriter:
     """Collects document tokens and writes fixed-size shards; the first `val_tokens` go to the val shard."""
 
@@ -219,6 +235,8 @@ class ShardWriter:
         self.written = []
 
     def add(self, toks):
+        """Buffer one document's tokens; write a shard as soon as a full one is buffered (memory stays bounded
+        by one shard, ~200 MB of uint16 at the default 100M tokens)."""
         self.buf.append(toks)
         self.n_buf += len(toks)
         self.total += len(toks)
@@ -232,6 +250,7 @@ class ShardWriter:
             self.flush()
 
     def flush(self):
+        """Write the buffer as the next shard (the first one is validation), keeping what exceeds shard_size."""
         if not self.buf:
             return
         tokens = np.concatenate(self.buf)
@@ -257,6 +276,7 @@ class ShardWriter:
             if len(docs) < 2:
                 raise DataError(f"only {len(docs)} document ({self.total} tokens): a validation and a train "
                                 f"shard need at least two")
+            # k = the fewest leading documents holding at least val_frac of all tokens, leaving one for training
             ends = np.cumsum([len(d) for d in docs])
             k = min(len(docs) - 1, max(1, int(np.searchsorted(ends, val_frac * self.total)) + 1))
             notice = (f"note: the input has {self.total:,} tokens, fewer than --val_tokens={self.val_tokens:,}: "
@@ -273,6 +293,10 @@ class ShardWriter:
         return notice
 
 
+# ---- the output folder: nothing half-made under out_dir, ever --------------------------------------------------
+# Everything is written to <out_dir>.partial and meta.json goes in last; then one rename, which is atomic within a
+# file system, makes out_dir appear complete. So a folder named out_dir is always a finished dataset (train.py can
+# trust it), and a crash leaves only the .partial folder, which the next run finds and names.
 def claim_out_dir(out_dir):
     """Refuse a finished or half-finished dataset, then create and return the temporary folder we write into.
     Creating it is the lock: a second run on the same out_dir finds it and stops."""
@@ -334,7 +358,9 @@ def parse_args(argv):
 
 
 def document_stream(args, pool, counts):
-    """The training documents, tokenized: a weighted mixture, local files, or one hub dataset."""
+    """The training documents, tokenized: a weighted mixture, local files, or one hub dataset. For a mixture,
+    each source gets its own lazy tokenized stream and interleave() decides, document by document, which one
+    to read next: a source is only read when it is its turn, so none is drained ahead of the others."""
     if args.mix:
         spec = MIXES[args.mix]
         if args.min_score is not None:
@@ -406,6 +432,7 @@ def main(argv=None):
     except BaseException:  # an error or Ctrl-C: the partial folder holds nothing worth keeping
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # publish: out_dir appears, whole, in one step (rename of a directory onto an empty one is atomic on POSIX)
     if os.path.isdir(args.out_dir):
         os.rmdir(args.out_dir)  # empty (claim_out_dir checked): the rename below puts the finished folder there
     os.rename(partial, args.out_dir)

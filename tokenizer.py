@@ -48,6 +48,7 @@ def get_encoding(spec):
     loaded, naming it and what would work. Cached: a script may ask for the same tokenizer many times."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"tokenizer must be a tiktoken name or a file path, got {spec!r}")
+    # the order matters: "gpt2" is ours (offline) before tiktoken's; a file that exists wins over a name
     if spec == "gpt2":
         return load_gpt2()
     if os.path.isfile(spec):
@@ -72,6 +73,7 @@ def load_gpt2():
     from tiktoken_ext.openai_public import r50k_pat_str
     if not os.path.isfile(GPT2_RANKS):
         raise RuntimeError(f"{GPT2_RANKS} is missing: it ships with the repository (restore it with git checkout)")
+    # The .tiktoken format: one line per token, "<base64 of its bytes> <rank>"; rank = id = merge priority.
     ranks = load_tiktoken_bpe(GPT2_RANKS, expected_hash=GPT2_SHA256)  # a damaged file is refused, not used
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
@@ -111,6 +113,8 @@ def load_file(path):
 def load_nanoforge(obj, path):
     """prepare_tokenizer.py's JSON -> a real tiktoken.Encoding (the four lines the docstring promises)."""
     import tiktoken
+    # tiktoken.Encoding is all a BPE needs: the split regex, {token bytes: rank}, and the special tokens (which
+    # are matched as whole strings before the regex, and only when encode() is told they are allowed)
     try:
         ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(obj["mergeable_ranks"])}
         enc = tiktoken.Encoding(obj["name"], pat_str=obj["pat_str"], mergeable_ranks=ranks,
@@ -164,7 +168,9 @@ class HFEncoding:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode(self, text, allowed_special=(), disallowed_special="all"):
-        """tiktoken's rules: an allowed special string becomes its id; a disallowed one found in text is an error."""
+        """tiktoken's rules: an allowed special string becomes its id; a disallowed one found in text is an error.
+        The text is cut at each allowed special string (earliest first), the pieces between are encoded as plain
+        text, and the special ids go between them."""
         allowed = self.special_tokens_set if allowed_special == "all" else set(allowed_special)
         disallowed = self.special_tokens_set - allowed if disallowed_special == "all" else set(disallowed_special)
         for s in disallowed:
