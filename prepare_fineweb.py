@@ -214,10 +214,10 @@ def interleave(sources, weights, tokens_of, counts=None):
             continue
         toks = tokens_of(doc)
         emitted[i] += len(toks)
-        if counts is not None:
-            counts[i][0] += 1
-            counts[i][1] += len(toks)
         yield toks
+        if counts is not None:  # after the yield: runs only once the caller has taken this document and asks
+            counts[i][0] += 1   # for the next, so one it drew and dropped (the --max_tokens cut) is not counted
+            counts[i][1] += len(toks)
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
@@ -364,9 +364,10 @@ def document_stream(args, pool, counts):
     if args.mix:
         spec = MIXES[args.mix]
         if args.min_score is not None:
-            unscored = [c or n for n, c, _, score, _ in spec if score is None]
-            print(f"note: --min_score {args.min_score:g} filters {', '.join(c or n for n, c, *_ in spec if c not in unscored)}"
-                  f"; {', '.join(unscored)} have no score field and are kept whole")
+            scored = ", ".join(f"{c or n} ({score})" for n, c, _, score, _ in spec if score)
+            unscored = ", ".join(c or n for n, c, _, score, _ in spec if not score)
+            print(f"note: --min_score {args.min_score:g} filters {scored}; {unscored} have no score field and are "
+                  f"kept whole")
         streams = [tokenized(iter_hub(n, c, f, args.min_score if score else None, score), pool)
                    for n, c, f, score, _ in spec]
         return interleave(streams, [w for *_, w in spec], tokens_of=lambda t: t, counts=counts)
@@ -391,7 +392,8 @@ def write_dataset(args, enc, out, pool):
     # the bar counts tokens against --max_tokens, or documents against the local files' count
     total = max_tokens or (count_local(args.local) if args.local else None)
     n_val = writer.total
-    with tqdm(total=total, unit="tok" if max_tokens else "doc", unit_scale=bool(max_tokens), desc="tokenizing") as bar:
+    with tqdm(total=total, unit="tok" if max_tokens else "doc", unit_scale=bool(max_tokens),
+              desc="tokenizing") as bar:
         for toks in document_stream(args, pool, counts):
             if max_tokens and writer.total - n_val + len(toks) > max_tokens:
                 break
@@ -442,9 +444,9 @@ def main(argv=None):
 
 
 def ensure_sample(data_dir):
-    """The quick start's data, made on first use: train.py calls this when its data_dir is missing. Only a folder
-    named like the sample's (data/openstax_sample) is prepared, from assets/ with SAMPLE_TOKENIZER; for any other missing
-    folder it does nothing and returns False (train.py then says the folder is missing)."""
+    """The quick start's data, made on first use: train.py calls this when its data_dir is missing. Only a
+    folder named like the sample's (data/openstax_sample) is prepared, from assets/ with SAMPLE_TOKENIZER; for
+    any other missing folder it does nothing and returns False (train.py then says the folder is missing)."""
     if os.path.basename(os.path.normpath(data_dir)) != SAMPLE_DIR_NAME:
         return False
     if not os.path.exists(os.path.join(data_dir, "meta.json")):

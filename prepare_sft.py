@@ -103,8 +103,8 @@ def to_messages(row):
                 for m in row["messages"]]
     if "conversations" in row:                                  # ShareGPT: [{from, value}]
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-        return [{"role": roles.get(m["from"], m["from"]), "content": text_field(m.get("value"), "conversations[].value")}
-                for m in row["conversations"]]
+        return [{"role": roles.get(m["from"], m["from"]),
+                 "content": text_field(m.get("value"), "conversations[].value")} for m in row["conversations"]]
     if "instruction" in row and "output" in row:                # Alpaca: instruction, input, output
         return turn("instruction", "output", "input")
     if "instruction" in row and "response" in row:              # Dolly: instruction, context, response
