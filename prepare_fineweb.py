@@ -133,7 +133,8 @@ def iter_parquet(path, text_field):
 
 
 def text_of(row, text_field, where):
-    """The document text of one row, or a DataError saying what is wrong with it."""
+    """The document text of one row, or a DataError saying what is wrong with it. A null or non-string text
+    is an error rather than a skipped row: a whole column of them usually means the wrong --text_field."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if text_field not in row:
@@ -146,7 +147,8 @@ def text_of(row, text_field, where):
 
 
 def field(row, dotted):
-    """row["a"]["b"] for "a.b"; None when any part is missing."""
+    """row["a"]["b"] for "a.b"; None when any part is missing. Datasets nest their metadata differently
+    (FineWeb-Edu: row["score"]; smollm-corpus: row["metadata"]["score"]), so MIXES names the path per source."""
     for key in dotted.split("."):
         row = row.get(key) if isinstance(row, dict) else None
     return row
@@ -413,6 +415,8 @@ def write_dataset(args, enc, out, pool):
 
 
 def main(argv=None):
+    """Check everything that can be checked (tokenizer, input patterns, the output folder) before reading a
+    document, write into the .partial folder, publish it with one rename. Returns meta.json's contents."""
     args = parse_args(argv)
     enc = get_encoding(args.tokenizer)
     for patterns in (args.local, args.val_local):

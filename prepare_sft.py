@@ -122,6 +122,8 @@ def to_messages(row):
 def read_local(path):
     """(where, row) pairs of a .jsonl (one object a line) or .json (a list of objects) file; `where` ("file:line"
     or "file: item i") is what an error about that row names."""
+    # Read the bytes and decode them ourselves: an error then names the line. (json.loads of one line would say
+    # "line 1", and a list comprehension over the file would lose which line it was on, which is what #15 found.)
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -198,6 +200,8 @@ def load_source(spec, seed, categories=None):
             print(f"note: {name} has no 'category' field: the category filter {list(keep)} is not applied")
     if "per_operator" in options:
         rows = balance_operators(rows, options["per_operator"], rng)
+    # every row becomes a conversation here, in the main process, so a bad one is named (file:line) before any
+    # rendering starts in the worker pool, and nothing is written
     conversations = []
     for where, row in rows:
         try:

@@ -56,6 +56,7 @@ def get_encoding(spec):
     if not os.path.isabs(spec) and os.path.isfile(os.path.join(ROOT, spec)):
         return load_file(os.path.join(ROOT, spec))  # a repository file (assets/...) from any working directory
     import tiktoken
+    # a name tiktoken knows (cl100k_base, o200k_base, ...): its own loader, from its cache or the network
     if spec in tiktoken.list_encoding_names():
         return load_tiktoken_name(spec)
     looks_like_path = os.sep in spec or spec.endswith((".json", ".tiktoken"))
@@ -96,6 +97,8 @@ def load_tiktoken_name(name):
 
 def load_file(path):
     """A tokenizer file: ours (prepare_tokenizer.py) or a Hugging Face tokenizer.json, told apart by content."""
+    # Both kinds are JSON; what is inside tells them apart: ours says "format": "nanoforge-bpe", a Hugging Face
+    # file has "model" (the BPE/Unigram/WordPiece tables) and "added_tokens" (the special tokens with their ids).
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -161,6 +164,9 @@ class HFEncoding:
             raise ValueError(f"tokenizer file {path}: no end-of-text token among its special tokens "
                              f"{sorted(self.specials)[:8]} (looked for {', '.join(EOT_NAMES)})")
         self.eot_token = self.specials[eot]
+        # how a vocabulary entry maps back to bytes: byte-level BPE (GPT-2, Llama 3, ours) spells every byte as one
+        # printable character; SentencePiece-style models (Llama 2, T5) spell a space as '▁' and rare bytes as
+        # '<0xNN>'. The decoder named in the file says which convention it uses.
         self.byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self.unbyte = {c: b for b, c in bytes_to_unicode().items()}
 
