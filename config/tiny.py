@@ -1,5 +1,10 @@
-# tiny: the quick start. A 4-layer model that trains on a laptop CPU (2 cores) in about two minutes, from a fresh
-# clone: train.py prepares data/openstax_sample from the sample in assets/ on first use (prepare_fineweb.ensure_sample).
+# tiny: the quick start. A 4-layer, 1.3M-parameter model that trains on a laptop CPU from a fresh clone: train.py
+# prepares data/openstax_sample from the sample in assets/ on first use (prepare_fineweb.ensure_sample, ~1 s).
+# Measured (2 cores, shared with other jobs, so wall time is an estimate): 2,000 steps of 1,024 tokens (0.96 epochs
+# of the sample), median 75 ms a step -> ~2.5 minutes of training on idle cores; validation 2.18 / 2.02 / 1.91 /
+# 1.84 bits per byte at steps 500 / 1000 / 1500 / 2000 (the same run at 1,200 steps: 1.98; a 6-layer d=192 model
+# for 1,000 steps, the same time: 1.98). Its sample is English words, loosely strung ("...the presence of bacterial
+# cells to the specific form of skin...").
 # Every architectural feature of the big presets is on: GQA (4 query heads share 2 KV heads), RoPE, SwiGLU.
 # Why its own 4,096-token tokenizer (assets/openstax_4k.json, prepare_tokenizer.py on the sample) and not gpt2:
 # at d=128 gpt2's 50,257-row output layer is 90% of the model's FLOPs (6.4M of 7.2M parameters), so the same two
@@ -17,8 +22,8 @@ ffn_hidden = 384
 block_size = 128
 batch_size = 8
 total_batch_tokens = 1024           # 8 x 128: one micro-batch per step
-max_iters = 1200
-eval_interval = 400
+max_iters = 2000                    # more steps of a small model beat fewer of a larger one here (above)
+eval_interval = 500
 eval_iters = 8
 log_interval = 100
 learning_rate = 5e-3                # small models take large learning rates
