@@ -1,8 +1,8 @@
 # tiny: the quick start. A 4-layer, 1.3M-parameter model that trains on a laptop CPU from a fresh clone: train.py
 # prepares data/openstax_sample from the sample in assets/ on first use (prepare_fineweb.ensure_sample, ~1 s).
-# Measured (2 cores, shared with other jobs, so wall time is an estimate): 2,000 steps of 1,024 tokens (0.96 epochs
-# of the sample), median 75 ms a step -> ~2.5 minutes of training on idle cores; validation 2.18 / 2.02 / 1.91 /
-# 1.84 bits per byte at steps 500 / 1000 / 1500 / 2000 (the same run at 1,200 steps: 1.98; a 6-layer d=192 model
+# Measured on 2 cores (load average 1-2 from other jobs): 2 min 38 s for preparation + 2,000 steps of 1,024 tokens
+# (0.96 epochs of the sample, ~75 ms a step); validation 2.18 / 2.02 / 1.91 / 1.84 bits per byte at steps
+# 500 / 1000 / 1500 / 2000 (the same run at 1,200 steps: 1.98; a 6-layer d=192 model
 # for 1,000 steps, the same time: 1.98). Its sample is English words, loosely strung ("...the presence of bacterial
 # cells to the specific form of skin...").
 # Every architectural feature of the big presets is on: GQA (4 query heads share 2 KV heads), RoPE, SwiGLU.
