@@ -65,16 +65,11 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
 PARCHMENT_SYSTEM = "You are a helpful assistant."
 
 
-def get_encoding(name):
-    """A tiktoken encoding by name, with an error that says what to do offline."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding(name)
-    except ValueError as e:  # unknown name
-        raise ValueError(f"unknown tokenizer '{name}': {e}") from None
-    except Exception as e:  # no network and no cached file
-        raise RuntimeError(f"cannot load tokenizer '{name}' ({e}); offline, set TIKTOKEN_CACHE_DIR to a folder "
-                           f"that holds its file (../shared/data/tokenizers/tiktoken_cache)") from None
+def get_encoding(spec):
+    """The tokenizer `spec` names (a tiktoken name or a tokenizer file): tokenizer.py's, the one loader every script
+    shares. Kept under this name for the callers that import it from here."""
+    from tokenizer import get_encoding as load
+    return load(spec)
 
 
 def special_token_id(text, enc):

@@ -74,40 +74,79 @@ LOCAL = {
 
 
 # ---- rows -> conversations -----------------------------------------------------------------------------------
+def text_field(value, name):
+    """A message's text: a string (a number, as SimpleMath's answers, becomes one). null is an error: an empty
+    turn trained on would teach the model to say nothing."""
+    if value is None:
+        raise ValueError(f"field '{name}' is null")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"field '{name}' is a {type(value).__name__}, not a string")
+    return value
+
+
 def to_messages(row):
-    """One dataset row -> a conversation (list of messages), recognising the common schemas by their fields."""
+    """One dataset row -> a conversation (list of messages), recognising the common schemas by their fields.
+    Required fields must be strings; an optional one (input, context) that is null counts as absent."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+
     def turn(user, answer, context=None, system=None):
         msgs = [{"role": "system", "content": system}] if system else []
-        msgs += [{"role": "context", "content": context}] if context and context.strip() else []
-        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": str(answer)}]
+        context = text_field(row[context], context) if context and row.get(context) is not None else ""
+        msgs += [{"role": "context", "content": context}] if context.strip() else []
+        return msgs + [{"role": "user", "content": text_field(row[user], user)},
+                       {"role": "assistant", "content": text_field(row[answer], answer)}]
     if "messages" in row:                                       # no_robots, ultrachat: [{role, content}]
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        return [{"role": m["role"], "content": text_field(m.get("content"), "messages[].content")}
+                for m in row["messages"]]
     if "conversations" in row:                                  # ShareGPT: [{from, value}]
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-        return [{"role": roles.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+        return [{"role": roles.get(m["from"], m["from"]),
+                 "content": text_field(m.get("value"), "conversations[].value")} for m in row["conversations"]]
     if "instruction" in row and "output" in row:                # Alpaca: instruction, input, output
-        return turn(row["instruction"], row["output"], row.get("input"))
+        return turn("instruction", "output", "input")
     if "instruction" in row and "response" in row:              # Dolly: instruction, context, response
-        return turn(row["instruction"], row["response"], row.get("context"))
+        return turn("instruction", "response", "context")
     if "problem" in row and "answer" in row:                    # SimpleMath
-        return turn(row["problem"], row["answer"])
+        return turn("problem", "answer")
     if "question" in row and "answer" in row:                   # RAG / QA: context, question, answer
-        return turn(row["question"], row["answer"], row.get("context"))
+        return turn("question", "answer", "context")
     if "prompt" in row and ("completion" in row or "response" in row):
-        return turn(row["prompt"], row.get("completion", row.get("response")))
+        return turn("prompt", "completion" if "completion" in row else "response")
     raise ValueError(f"unrecognised row schema with fields {sorted(row)}: expected messages, conversations, "
                      f"instruction+output, instruction+response, problem+answer, question+answer or prompt+completion")
 
 
 def read_local(path):
-    """Rows of a .jsonl (one object a line) or .json (a list of objects) file."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            rows = json.load(f)
-            if not isinstance(rows, list):
-                raise ValueError(f"{path}: expected a JSON list of objects")
-            return rows
-        return [json.loads(line) for line in f if line.strip()]
+    """(where, row) pairs of a .jsonl (one object a line) or .json (a list of objects) file; `where` ("file:line"
+    or "file: item i") is what an error about that row names."""
+    # Read the bytes and decode them ourselves: an error then names the line. (json.loads of one line would say
+    # "line 1", and a list comprehension over the file would lose which line it was on, which is what #15 found.)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects")
+        return [(f"{path}: item {i}", row) for i, row in enumerate(rows)]
+    pairs = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                pairs.append((f"{path}:{line_no}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+    return pairs
 
 
 def read_hub(name, config, split):
@@ -120,10 +159,11 @@ def read_hub(name, config, split):
 
 
 def balance_operators(rows, per_operator, rng):
-    """ParchmentLM's SimpleMath selection: for + - * /, up to per_operator random problems containing it."""
+    """ParchmentLM's SimpleMath selection: for + - * /, up to per_operator random problems containing it.
+    rows are (where, row) pairs."""
     chosen = []
     for op in "+-*/":
-        having = [r for r in rows if op in r["problem"]]
+        having = [(w, r) for w, r in rows if op in str(r["problem"])]
         rng.shuffle(having)
         chosen += having[:per_operator]
     return chosen
@@ -144,23 +184,30 @@ def load_source(spec, seed, categories=None):
     options = {}
     if name in HUB:
         hub_name, config, split, options = HUB[name]
-        rows = read_hub(hub_name, config, split)
+        rows = [(f"{hub_name} row {i}", row) for i, row in enumerate(read_hub(hub_name, config, split))]
     else:
         paths = [os.path.join(shared_sft_dir(), LOCAL[name])] if name in LOCAL else sorted(glob.glob(name))
         if not paths or not all(os.path.isfile(p) for p in paths):
             raise FileNotFoundError(f"--source {name}: no such file, and not one of the hub aliases {sorted(HUB)} "
                                     f"or local aliases {sorted(LOCAL)}")
-        rows = [r for p in paths for r in read_local(p)]
+        rows = [pair for p in paths for pair in read_local(p)]  # (where, row): errors name the file and line
     n_rows = len(rows)
     keep = options.get("categories") or categories
     if keep:
-        if rows and all("category" in r for r in rows):
-            rows = [r for r in rows if r["category"] in keep]
+        if rows and all(isinstance(r, dict) and "category" in r for _, r in rows):
+            rows = [(w, r) for w, r in rows if r["category"] in keep]
         else:
             print(f"note: {name} has no 'category' field: the category filter {list(keep)} is not applied")
     if "per_operator" in options:
         rows = balance_operators(rows, options["per_operator"], rng)
-    conversations = [to_messages(r) for r in rows]
+    # every row becomes a conversation here, in the main process, so a bad one is named (file:line) before any
+    # rendering starts in the worker pool, and nothing is written
+    conversations = []
+    for where, row in rows:
+        try:
+            conversations.append(to_messages(row))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # one line naming the row, not a traceback
+            raise ValueError(f"{where}: {e}") from None
     # drop rows with an empty answer or question, as ParchmentLM did
     conversations = [c for c in conversations if all(m["content"].strip() for m in c if m["role"] != "system")]
     stats = {"source": name, "rows": n_rows, "kept": len(conversations), "weight": weight}
@@ -246,7 +293,7 @@ def main(argv=None):
     p.add_argument("--source", action="append", required=True,
                    help=f"NAME[:WEIGHT], repeatable. NAME: hub {sorted(HUB)}, local {sorted(LOCAL)}, or a file/glob")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding: gpt2, cl100k_base, ...")
+    p.add_argument("--tokenizer", default="gpt2", help="a tiktoken name (gpt2, cl100k_base) or a tokenizer file")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--layout", default="pack", choices=("pack", "pad"))
     p.add_argument("--block_size", type=int, default=1024, help="the model's context (--layout pad; val check)")

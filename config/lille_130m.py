@@ -2,13 +2,18 @@
 # head_dim 64, RoPE (theta 10000), RMSNorm (eps 1e-5), SwiGLU F=1792, tied embeddings, context 512.
 # Trained with Sophia: lr 1e-4, betas (0.9, 0.95), rho 0.05, weight decay 0.2, Hessian refreshed every 10 steps,
 # 16 x 512 x 2 = 16,384 tokens/step, warmup 2000 then cosine to 1e-5, 4.27B tokens (Lille's train.py).
-# Differences: Lille's own 32,768-token "Hastings" tokenizer is not public here, so we use gpt2 (+12.4M embedding
-# parameters: 138.4M instead of 127.2M); Lille used dropout 0.1 in pretraining, nanoforge has no dropout.
+# Tokenizer: Lille's own 32,768-token "Hastings" BPE is not public, so we train one of the same size (then the count
+# is exactly Lille's 127,171,200) and tokenize the data with it:
+#   python prepare_tokenizer.py --vocab_size 32768 --max_chars 2e9 --out data/tokenizers/fineweb_32k.json
+#   python prepare_fineweb.py --tokenizer data/tokenizers/fineweb_32k.json --out_dir data/fineweb_edu_32k
+# (with gpt2 instead: --tokenizer=gpt2 --vocab_size=50257 --data_dir=<gpt2 shards>, 138.4M parameters).
+# Difference: Lille used dropout 0.1 in pretraining, nanoforge has no dropout.
 # Speed (H100, compiled): with the default kernels this preset ran at ~100k tok/s (10% MFU), host-bound by the look
 # of it (16 x 512 micro-batches leave each Triton custom-op call little GPU work), and at 245-270k tok/s with
 # --kernels_backend=torch,sophia=triton (inductor fuses the twins). Logs: bench/results/sophia_study_h100/.
 out_dir = "out/lille_130m"
-data_dir = "data/fineweb_edu"
+data_dir = "data/fineweb_edu_32k"
+tokenizer = "data/tokenizers/fineweb_32k.json"
 n_layer = 24
 n_embd = 640
 n_head = 10
@@ -17,7 +22,7 @@ ffn_hidden = 1792
 rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = True
-vocab_size = 50257
+vocab_size = 32768
 block_size = 512
 batch_size = 16
 total_batch_tokens = 16384

@@ -5,6 +5,10 @@ On a machine without CUDA we run every Triton kernel in Triton's CPU interpreter
 kernels, not only their PyTorch twins. The variable must be set before any @triton.jit function is
 defined, hence here, before the tests import kernels/.
 GPU-only tests carry @pytest.mark.gpu and are skipped where there is no GPU.
+
+Data: most tests run from what the repository ships (assets/: the OpenStax sample and gpt2's ranks), so a fresh
+clone passes with no network and no ../shared. Tests that need the larger offline data in ../shared carry
+@pytest.mark.shared and are skipped, with the reason, where that folder is absent.
 """
 import os
 import sys
@@ -15,36 +19,38 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")  # ../shared beside the checkout (tests' offline data)
+HAVE_SHARED = os.path.isdir(os.path.join(SHARED, "data"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "data", "tokenizers", "tiktoken_cache"))
+if HAVE_SHARED:  # tiktoken's cache for cl100k_base & co; without it gpt2 still loads from assets/ (tokenizer.py)
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "data", "tokenizers", "tiktoken_cache"))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped elsewhere)")
     config.addinivalue_line("markers", "slow: longer CPU test (end to end)")
+    config.addinivalue_line("markers", "shared: needs the offline data in ../shared (skipped without it)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_shared = pytest.mark.skip(reason=f"needs the offline data in {SHARED} (absent)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "shared" in item.keywords and not HAVE_SHARED:
+            item.add_marker(no_shared)
 
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
-    """Token shards (gpt2) of the 50 OpenStax documents in ../shared: ~250k tokens, 20k of them validation.
-    Shared by every test that needs real data; prepared once per test session."""
+    """Token shards (gpt2) of the OpenStax sample that ships in assets/: 20k validation tokens, then 230k train
+    tokens. Shared by every test that needs real data; prepared once per test session (under a second)."""
     import prepare_fineweb
-    src = os.path.join(SHARED, "data", "openstax_edu_text", "sample_50.jsonl")
-    if not os.path.exists(src):
-        pytest.skip(f"shared data not found at {src}")
-    out = str(tmp_path_factory.mktemp("openstax_sample"))
-    prepare_fineweb.main(["--local", src, "--out_dir", out, "--val_tokens", "20000", "--workers", "1"])
+    out = str(tmp_path_factory.mktemp("data") / "openstax_gpt2")
+    prepare_fineweb.main(["--local", prepare_fineweb.SAMPLE, "--out_dir", out, "--tokenizer", "gpt2",
+                          "--val_tokens", "20000", "--max_tokens", "230000", "--workers", "1"])
     return out
 
 
