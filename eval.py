@@ -493,8 +493,8 @@ def write_results(results, out):
 
 def evaluate_checkpoint(ckpt, args, tasks, bpb):
     """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
-    import tiktoken
     import checkpoint
+    from tokenizer import get_encoding  # the one loader: tiktoken names (offline too), our BPE files, tokenizer.json
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -503,7 +503,7 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
     t0 = time.time()
     file = ckpt if checkpoint.is_hf_folder(ckpt) else checkpoint.find(ckpt)
     model, cfg = checkpoint.load_model(ckpt, device)
-    enc = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2"))
+    enc = get_encoding(cfg.get("tokenizer", "gpt2"))
     step = None  # the step is metadata; a memory-mapped second look (tensors only, no code) costs nothing
     if not checkpoint.is_hf_folder(ckpt):
         step = int(checkpoint.load(ckpt, mmap=True).get("step", -1))
@@ -554,9 +554,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    shared_cache = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "tiktoken_cache")
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(shared_cache):
-        os.environ["TIKTOKEN_CACHE_DIR"] = shared_cache   # offline machines: the tokenizer files staged there
     try:
         # every check before any work: names, checkpoints, then every row of every file
         # (a typo in a name must not cost a model load, and a missing checkpoint must not cost reading

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-import tiktoken
+from tokenizer import get_encoding
 import torch
 import torch.nn as nn
 
@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def enc():
-    return tiktoken.get_encoding("gpt2")
+    return get_encoding("gpt2")
 
 
 class PreferenceStub(nn.Module):
