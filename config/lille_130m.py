@@ -8,9 +8,12 @@
 #   python prepare_fineweb.py --tokenizer data/tokenizers/fineweb_32k.json --out_dir data/fineweb_edu_32k
 # (with gpt2 instead: --tokenizer=gpt2 --vocab_size=50257 --data_dir=<gpt2 shards>, 138.4M parameters).
 # Difference: Lille used dropout 0.1 in pretraining, nanoforge has no dropout.
-# Speed (H100, compiled): with the default kernels this preset ran at ~100k tok/s (10% MFU), host-bound by the look
-# of it (16 x 512 micro-batches leave each Triton custom-op call little GPU work), and at 245-270k tok/s with
-# --kernels_backend=torch,sophia=triton (inductor fuses the twins). Logs: bench/results/sophia_study_h100/.
+# Speed: at 16 x 512 micro-batches the 24-layer model leaves each kernel launch little GPU work, so the host's
+# launch cost decides. Measured through train.py on one H200 (bench/results/e2e.md, 2026-12-01, 54d73f5): our
+# kernels ('auto') 194.5k tok/s, the twins fused by inductor ('torch', Sophia's unfused step too) 217.9k. Earlier,
+# 'torch,sophia=triton' (twins + our fused Sophia step) measured 298k (issue #12, b185d11). So this preset runs the
+# twins with our Sophia step until our kernels win here too; `--kernels_backend=auto` runs ours.
+kernels_backend = "torch,sophia=triton"
 out_dir = "out/lille_130m"
 data_dir = "data/fineweb_edu_32k"
 tokenizer = "data/tokenizers/fineweb_32k.json"
