@@ -40,7 +40,7 @@ import checkpoint
 import configurator
 from configurator import configure, script_defaults
 from model import GPT, GPTConfig
-from shards import list_shards, open_shard
+from shards import TokenWindows  # the data: fixed windows of the shards, a pure function of (seed, sample)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters. Defaults describe gpt2_124m; presets in config/ and --key=value flags override them.
@@ -104,55 +104,6 @@ AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 
 def resolve(cfg):
     """configure()'s dict -> the run, checked against this script's defaults and rules (configurator.resolve)."""
     return configurator.resolve(cfg, DEFAULTS, MODEL_KEYS, CHOICES, AT_LEAST)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: fixed windows of block_size + 1 tokens, shuffled once per epoch by a seeded permutation. Sample number g
-# of the run is window perm_epoch[g % n] of epoch g // n, so the data is a pure function of (seed, g): resuming
-# at step s, or splitting a step over ranks, reads exactly the windows an uninterrupted single process would.
-class TokenWindows:
-    def __init__(self, data_dir, split, block_size, vocab_size, seed, shuffle):
-        self.shards = [open_shard(p, vocab_size) for p in list_shards(data_dir, split)]
-        self.first = np.cumsum([0] + [(info["n_tokens"] - 1) // block_size for _, _, info in self.shards])  # starts
-        self.n, self.block_size, self.seed, self.shuffle = int(self.first[-1]), block_size, seed, shuffle
-        self._perm_epoch = self._perm = None
-
-    def window_index(self, g):
-        epoch, i = divmod(g, self.n)
-        if not self.shuffle:
-            return i
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen).numpy(), epoch
-        return int(self._perm[i])
-
-    def batch(self, first_sample, count, device, doc_starts=False):
-        """Samples first_sample .. first_sample+count-1 as (x, y, starts), y = x shifted by one. Where the shard
-        has a mask (SFT), targets on untrained positions are -1, which the loss ignores. starts (with doc_starts,
-        else None): a bool (B, T) tensor, True where a document begins in x: from the shard's .docs.bin
-        (prepare_sft.py), else at each end-of-text token (prepare_fineweb.py starts every document with one)."""
-        xs, ys, ds = [], [], []
-        for g in range(first_sample, first_sample + count):
-            w = self.window_index(g)
-            s = int(np.searchsorted(self.first, w, side="right") - 1)
-            tokens, mask, info = self.shards[s]
-            start = (w - int(self.first[s])) * self.block_size
-            chunk = torch.from_numpy(tokens[start:start + self.block_size + 1].astype(np.int64))  # T + 1 tokens
-            x, y = chunk[:-1], chunk[1:].clone()  # y_t = x_{t+1}: predict the next token at every position
-            if mask is not None:
-                y[torch.from_numpy(mask[start + 1:start + self.block_size + 1] == 0)] = -1
-            xs.append(x)
-            ys.append(y)
-            if doc_starts and info["doc_starts"] is None:
-                ds.append(x == info["eot"])
-            elif doc_starts:
-                lo, hi = np.searchsorted(info["doc_starts"], [start, start + self.block_size])
-                ds.append(torch.zeros(self.block_size, dtype=torch.bool))
-                ds[-1][torch.from_numpy(info["doc_starts"][lo:hi] - start)] = True
-        out = [torch.stack(xs), torch.stack(ys)] + ([torch.stack(ds)] if doc_starts else [])
-        if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            out = [t.pin_memory().to(device, non_blocking=True) for t in out]
-        return tuple(out) + ((None,) if not doc_starts else ())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -126,12 +126,22 @@ GRACE_S = 20                # after SIGTERM train.py finishes its step and evalu
 # Each run is its own train.py process, exactly as a user would start it (the preset, then the study's flags, then
 # the arm's, then --extra: later flags win), so the study measures the real loop, compilation and all. A run past
 # its time limit gets SIGTERM: train.py finishes the step in flight and evaluates, so the curve keeps its last point.
+def data_tokenizer(data_dir):
+    """The study's data decides the vocabulary: a preset that names its own tokenizer (lille_130m's 32k file) is
+    pointed at the data's instead, so every model trains on the same tokens (train.py refuses a mismatch)."""
+    meta = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta):
+        return []
+    meta = json.load(open(meta))
+    return [f"--tokenizer={meta['tokenizer']}", f"--vocab_size={meta.get('n_vocab', meta['vocab_size'])}"]
+
+
 def train_run(model, name, flags, args, timeout):
     """One train.py subprocess, output to <out_root>/<model>/<name>.log. Returns (status, seconds)."""
     out_dir = os.path.join(args.out_root, model, name)
     shutil.rmtree(out_dir, ignore_errors=True)  # stale metrics from an earlier study must not pass as this one's
     cmd = [sys.executable, "train.py", f"config/{model}.py", f"--data_dir={args.data_dir}", f"--out_dir={out_dir}",
-           f"--max_iters={args.max_iters}", f"--warmup_iters={args.warmup_iters}",
+           *data_tokenizer(args.data_dir), f"--max_iters={args.max_iters}", f"--warmup_iters={args.warmup_iters}",
            f"--total_batch_tokens={args.tokens_per_step}", *COMMON, *flags, *shlex.split(args.extra)]  # later win
     print("  " + shlex.join(cmd), flush=True)
     t0 = time.time()

@@ -67,3 +67,13 @@ def force_triton():
     set_backend("triton")
     yield
     set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
+
+
+def encoding_or_skip(name):
+    """A tiktoken encoding, or a skip naming why: gpt2 always loads (assets/), others such as cl100k_base need
+    tiktoken's cache, which ../shared provides offline."""
+    from tokenizer import get_encoding
+    try:
+        return get_encoding(name)
+    except Exception as e:
+        pytest.skip(f"tokenizer {name} unavailable offline without {SHARED}: {str(e).splitlines()[0][:120]}")

@@ -44,7 +44,8 @@ def test_bad_flags_are_one_line_errors(argv, msg, capsys):
 def test_a_failed_run_is_a_row_and_the_report_still_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(e2e, "run_logged", lambda *a: 1)
     monkeypatch.setattr(e2e, "RESULTS_DIR", str(tmp_path))
-    args = SimpleNamespace(layers={"gpt2_124m": 2}, logs=str(tmp_path), steps=10, compile_mode="", timeout=5)
+    args = SimpleNamespace(layers={"gpt2_124m": 2}, logs=str(tmp_path), steps=10, compile_mode="", timeout=5,
+                           results="e2e")
     row = e2e.time_preset("gpt2_124m", "auto", str(tmp_path), str(tmp_path), args)
     assert row["tok_s"] is None and "status 1" in row["error"] and row["layers"] == 2
     e2e.write_report([row], {"gpu": "x", "date": "d", "commit": "c"}, args)

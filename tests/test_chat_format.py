@@ -67,6 +67,7 @@ def test_open_assistant_prompt_is_a_prefix_of_training(fmt, n_turns):
     assert sum(prompt_mask) == (n_turns - 1) * (len(GPT2.encode_ordinary("Blue.")) + 1)  # earlier answers only
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_alpaca_matches_the_original_alpaca_text():
     """The torchtune copy of Stanford Alpaca stores each example's full prompt+answer text: ours is identical."""
     with open(os.path.join(SHARED, "data", "sft", "torchtune_alpaca_tiny", "alpaca_tiny.json")) as f:
@@ -117,6 +118,7 @@ def test_chatml_tags_are_single_special_ids_in_padding_slots():
     assert lime.render(ONE_TURN)[0].count(lime.ids["user"]) == 1 and lime.ids["user"] >= GPT2.n_vocab
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_special_token_table():
     # gpt2: every extra token in its padding slot, one id per string whatever the format
     for i, t in enumerate(EXTRA_TOKENS):
@@ -131,6 +133,7 @@ def test_special_token_table():
     assert ChatFormat("chatml", GPT2).stop_ids == [50256, 50258, 50259]
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_allowed_mask_excludes_padding_and_pad():
     chat = ChatFormat("chatml", GPT2)
     allowed = chat.allowed_mask(50304)
@@ -177,6 +180,7 @@ def test_bad_conversations_are_clear_errors(messages, open_assistant, match):
         render(messages, "alpaca", GPT2, open_assistant=open_assistant)
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_unknown_format_and_vocabulary_checks():
     with pytest.raises(ValueError, match="unknown chat format 'vicuna'"):
         ChatFormat("vicuna", GPT2)

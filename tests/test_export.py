@@ -14,7 +14,7 @@ import torch
 import export
 import hf
 from chat_format import FORMATS, ChatFormat, get_encoding, render
-from conftest import SHARED
+from conftest import encoding_or_skip, SHARED
 from model import GPT, GPTConfig, load_checkpoint
 
 OPENSTAX = os.path.join(SHARED, "data", "openstax_edu_text", "sample_50.jsonl")
@@ -99,7 +99,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
 def exported(request, tmp_path_factory):
     """(tiktoken encoding, the exported folder's transformers tokenizer) for a tiny model of that vocabulary."""
     transformers = pytest.importorskip("transformers")
-    enc = get_encoding(request.param)
+    enc = encoding_or_skip(request.param)
     cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_kv_head=1, ffn_hidden=16, block_size=32,
                     vocab_size=enc.n_vocab, vocab_pad_multiple=128)
     folder = tmp_path_factory.mktemp(request.param)

@@ -71,9 +71,10 @@ def test_weights_categories_and_simplemath_balance(tmp_path):
     val, train_part = prepare_sft.split_and_weight(convs, 2.5, 0.1, rng)
     assert len(val) == 2 and len(train_part) == 45                # 18 * 2 + 9
     assert not {json.dumps(c) for c in val} & {json.dumps(c) for c in train_part}  # copies stay out of val
-    maths = [{"problem": p, "answer": 0} for p in ["1 + 1"] * 5 + ["3 * 3"] * 2 + ["8 / 2"]]
+    maths = [(f"m.jsonl:{i}", {"problem": p, "answer": 0})   # (where, row), as the loader passes them
+             for i, p in enumerate(["1 + 1"] * 5 + ["3 * 3"] * 2 + ["8 / 2"], 1)]
     chosen = prepare_sft.balance_operators(maths, 3, rng)
-    assert sorted(r["problem"] for r in chosen) == ["1 + 1"] * 3 + ["3 * 3"] * 2 + ["8 / 2"]
+    assert sorted(r["problem"] for _, r in chosen) == ["1 + 1"] * 3 + ["3 * 3"] * 2 + ["8 / 2"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         prepare_sft.load_source("no_such_file.jsonl", seed=0)
 
@@ -113,6 +114,7 @@ def test_hub_sources_with_a_stand_in_for_load_dataset(monkeypatch):
         prepare_sft.load_source("no_robots", seed=0)
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_pack_shards_masks_and_loader(tmp_path):
     out, meta = prepare(tmp_path, "--format", "alpaca", "--source", "alpaca_tiny_local", "--block_size", "64",
                         "--val_frac", "0.1")
@@ -138,6 +140,7 @@ def test_pack_shards_masks_and_loader(tmp_path):
         assert torch.equal(y[r], expected)
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_doc_starts_mark_conversations_not_turns(tmp_path):
     """Packed shards carry .docs.bin: the loader's doc_starts are True exactly where a conversation begins. In the
     parchment format end-of-text also separates turns, so the eot fallback would split conversations: the file
@@ -160,6 +163,7 @@ def test_doc_starts_mark_conversations_not_turns(tmp_path):
         assert torch.equal(flags[r], want)
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_prepare_is_deterministic(tmp_path):
     digests = []
     for name in ("a", "b"):
@@ -170,6 +174,7 @@ def test_prepare_is_deterministic(tmp_path):
     assert digests[0] == digests[1] and len(digests[0]) == 6   # val + train: tokens, mask, document starts
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_pad_layout_one_conversation_per_window(tmp_path):
     out, meta = prepare(tmp_path, "--format", "parchment", "--layout", "pad", "--block_size", "128",
                         "--source", "alpaca_tiny_local", "--val_frac", "0.1")
@@ -195,6 +200,7 @@ def sft_cfg(data_dir, init_from, out_dir, *extra):
                                     *extra])
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_sft_refuses_mismatched_inputs(tmp_path):
     chatml, _ = prepare(tmp_path, "--format", "chatml", "--source", "alpaca_tiny_local", "--block_size", "64",
                         name="chatml")
@@ -224,6 +230,7 @@ def test_sft_refuses_mismatched_inputs(tmp_path):
 
 
 # ---- chat.py ------------------------------------------------------------------------------------------------
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_chat_refuses_bad_inputs(tmp_path, monkeypatch):
     good = fake_checkpoint(tmp_path / "good", chat_format="alpaca")
     with pytest.raises(ValueError, match="unknown chat format 'vicuna'"):
@@ -269,6 +276,7 @@ def test_smoke_checks():
 
 
 # ---- the CPU pipeline -----------------------------------------------------------------------------------------
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 @pytest.mark.slow
 def test_pipeline_pretrain_sft_chat(sample_data_dir, tmp_path, capsys):
     """tiny pretrain -> prepare_sft (Alpaca-GPT-4 sample, alpaca format) -> sft (val loss falls) -> chat."""
@@ -303,6 +311,7 @@ def test_pipeline_pretrain_sft_chat(sample_data_dir, tmp_path, capsys):
     assert "smoke: " in printed and printed.count("| What is the capital") == 2
 
 
+@pytest.mark.shared  # needs ../shared's data or tiktoken cache (skipped without it)
 def test_sft_with_doc_mask(sample_data_dir, tmp_path, monkeypatch):
     """--doc_mask=True: the model gets each window's conversation starts (from .docs.bin) in training and in
     evaluation, and the masked loss still falls. (That a start isolates what follows: tests/test_model.py.)"""

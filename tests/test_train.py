@@ -186,7 +186,7 @@ def test_lr_schedules_warm_up_then_reach_their_floor(schedule):
 
 def test_sophia_trains_and_resumes_exactly(sample_data_dir, tmp_path):
     """optimizer='sophia': the Hessian refresh every hess_interval steps, the win rate in the log, exact resume."""
-    opts = ["--optimizer=sophia", "--hess_interval=2", "--sophia_rho=0.05", "--learning_rate=2e-3",
+    opts = ["--optimizer=sophia", "--hess_interval=2", "--sophia_rho=0.05", "--learning_rate=4e-3",
             "--lr_decay_iters=10", "--eval_interval=5"]
     train.train(run_cfg(sample_data_dir, tmp_path / "straight", "--max_iters=10", *opts))
     train.train(run_cfg(sample_data_dir, tmp_path / "split", "--max_iters=5", *opts))
