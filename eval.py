@@ -292,7 +292,7 @@ def read_documents(path):
         docs = []
         for n, row in read_rows(path):
             if not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}, line {n}: no \"text\" string field (the bits-per-byte text)")
+                raise ValueError(f"{path}:{n}: no \"text\" string field (the bits-per-byte text)")
             docs.append(row["text"])
     else:
         with open(path, "rb") as f:
@@ -301,7 +301,7 @@ def read_documents(path):
             docs = [raw.decode("utf-8")]
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
-            raise ValueError(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"{path} holds no text")

@@ -370,27 +370,17 @@ def task_path(name, data_root):
 def read_rows(path, limit=None):
     """[(line number, row)] of the first `limit` JSON objects of a .jsonl or .jsonl.gz file. Bytes are decoded
     line by line, so a non-UTF-8 byte, like bad JSON, is reported with its line."""
+    from prepare_fineweb import json_lines  # the one JSON-lines reader (bytes decoded line by line, gz or not)
     rows = []
     try:
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {n}: a JSON object expected, not {type(row).__name__}")
-                rows.append((n, row))
-                if limit is not None and len(rows) >= limit:
-                    break
-    except (OSError, EOFError) as e:           # a truncated or non-gzip .gz file
-        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+        for n, row in json_lines(path):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a JSON object expected, not {type(row).__name__}")
+            rows.append((n, row))
+            if limit is not None and len(rows) >= limit:
+                break
+    except (OSError, EOFError) as err:           # a truncated or non-gzip .gz file
+        raise ValueError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
     return rows
 
 
@@ -448,13 +438,14 @@ def load_items(name, data_root=DEFAULT_DATA_ROOT, limit=None, online=False):
                                 f"holds {task.file}{hub}")
     if not rows:
         raise ValueError(f"{source}: no {name} items")
+    at = (lambda n: f"{source}:{n}") if where == "line" else (lambda n: f"{source}, row {n}")  # file:line | hub row
     items = []
     for n, row in rows:
         try:
             item = RENDER[task.kind](convert(row))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise ValueError(f"{source}, {where} {n}: not in the {name} format ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{at(n)}: not in the {name} format ({type(e).__name__}: {e})") from None
         if "pairs" in item and not (len(item["pairs"]) >= 2 and 0 <= item["gold"] < len(item["pairs"])):
-            raise ValueError(f"{source}, {where} {n}: gold={item['gold']} with {len(item['pairs'])} choices")
+            raise ValueError(f"{at(n)}: gold={item['gold']} with {len(item['pairs'])} choices")
         items.append(item)
     return {"items": items, "source": source, "note": comparability(name, items, source == path)}

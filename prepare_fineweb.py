@@ -103,8 +103,11 @@ def decode_utf8(raw, where):
                         f"first, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def iter_jsonl(path, text_field):
-    """One JSON object a line. Read as bytes and decoded line by line, so an error names the exact line."""
+def json_lines(path):
+    """(line number, object) for every non-empty line of a .jsonl or .jsonl.gz file. Read as bytes and decoded one
+    line at a time, so a non-UTF-8 byte or a line of bad JSON is a DataError naming the file and the line
+    ("file:line"). prepare_sft.py and eval_tasks.py read their JSON-lines files through this too: one reader, one
+    way of naming a bad line."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
@@ -116,7 +119,13 @@ def iter_jsonl(path, text_field):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            yield text_of(row, text_field, where)
+            yield line_no, row
+
+
+def iter_jsonl(path, text_field):
+    """One JSON object a line; its text field is the document."""
+    for line_no, row in json_lines(path):
+        yield text_of(row, text_field, f"{path}:{line_no}")
 
 
 def iter_parquet(path, text_field):

@@ -451,22 +451,22 @@ def test_bad_files_are_named_with_their_line_before_any_task_runs(tmp_path, caps
         mmlu.write_bytes(mmlu_bytes)    # mmlu is the LAST task: a bad row there must stop the run before sciq
         msg = error_of(["--ckpt", run, "--tasks", "sciq,mmlu", "--data_root", str(root), "--bpb_file", bpb_file])
         assert text in msg, msg
-    fails_with(f"{mmlu}, line 2: not valid JSON", good.replace(b'"answer": 2}', b'"answer": 2', 1))
-    fails_with(f"{mmlu}, line 3: not UTF-8", good.replace(b"heart", b"he\xffrt"))
-    fails_with(f"{mmlu}, line 1: not in the mmlu format (KeyError: 'subject')", good.replace(b'"subject"', b'"topic"', 1))
-    fails_with(f"{mmlu}, line 3: not in the mmlu format (ValueError: unknown MMLU subject 'anatomyy')",
+    fails_with(f"{mmlu}:2: not valid JSON", good.replace(b'"answer": 2}', b'"answer": 2', 1))
+    fails_with(f"{mmlu}:3: not UTF-8", good.replace(b"heart", b"he\xffrt"))
+    fails_with(f"{mmlu}:1: not in the mmlu format (KeyError: 'subject')", good.replace(b'"subject"', b'"topic"', 1))
+    fails_with(f"{mmlu}:3: not in the mmlu format (ValueError: unknown MMLU subject 'anatomyy')",
                good.replace(b'"anatomy"', b'"anatomyy"'))
-    fails_with(f"{mmlu}, line 1: not in the mmlu format (TypeError: 'choices' must be a list of strings",
+    fails_with(f"{mmlu}:1: not in the mmlu format (TypeError: 'choices' must be a list of strings",
                good.replace(b'["4", "5", "6", "7"]', b'"4567"'))
-    fails_with(f"{mmlu}, line 1: gold=7 with 4 choices", good.replace(b'"answer": 1', b'"answer": 7'))
-    fails_with(f"{mmlu}, line 1: a JSON object expected, not list", b"[1, 2]\n" + good)
+    fails_with(f"{mmlu}:1: gold=7 with 4 choices", good.replace(b'"answer": 1', b'"answer": 7'))
+    fails_with(f"{mmlu}:1: a JSON object expected, not list", b"[1, 2]\n" + good)
     fails_with(f"{mmlu}: no mmlu items", b"\n\n")
     text = tmp_path / "held_out.txt"
     text.write_bytes(b"fine\nline two \xff\nthree\n")
-    fails_with(f"{text}, line 2: not UTF-8", bpb_file=str(text))
+    fails_with(f"{text}:2: not UTF-8", bpb_file=str(text))
     docs = tmp_path / "held_out.jsonl"
     docs.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
-    fails_with(f"{docs}, line 2: no \"text\" string field", bpb_file=str(docs))
+    fails_with(f"{docs}:2: no \"text\" string field", bpb_file=str(docs))
     assert open(kept).read() == '{"earlier": "results"}' and "evaluating" not in capsys.readouterr().out
 
 
