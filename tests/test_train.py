@@ -63,7 +63,8 @@ def test_ddp_two_processes_match_one_process(sample_data_dir, tmp_path):
            os.path.join(ROOT, "train.py"), *overrides, *common, f"--out_dir={tmp_path / 'two'}",
            "--batch_size=4", "--total_batch_tokens=512"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     one, val_one = losses(tmp_path / "one")
     two, val_two = losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
