@@ -264,6 +264,8 @@ def train(cfg, model=None):
             run.bytes_per_token = bytes_per_token(val_data, run)
         run.ckpt = None  # the weights live in the model now: free the CPU copy
         stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
+        if run.ddp:  # the ranks reach teardown together: gloo aborts a rank that leaves while rank 0 still saves
+            dist.barrier()
     finally:
         if run.master:
             checkpoint.plot_losses(run.out_dir)
