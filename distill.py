@@ -392,7 +392,7 @@ def main(argv):
 
 
 def write_student(model, cfg, student_dir):
-    """The multiplied-out student as an ordinary checkpoint: model.load_checkpoint, chat.py, eval.py, sft.py's
+    """The multiplied-out student as an ordinary checkpoint: checkpoint.load_model, chat.py, eval.py, sft.py's
     init_from and export.py read it like any of train.py's. Step and validation loss come from the state
     train.py saved last, the config is the run's (the student's shape, its tokenizer)."""
     state = checkpoint.load(os.path.join(student_dir, "distill", "ckpt.pt"), mmap=True)

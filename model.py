@@ -336,18 +336,6 @@ class GPT(nn.Module):
         return torch.cat([idx, torch.tensor([new], dtype=idx.dtype, device=idx.device)], dim=1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """generation.sample_next (kept here as a thin name for older callers)."""
-    from generation import sample_next as sample
-    return sample(logits, temperature, top_k, top_p, generator)
-
-
-def load_checkpoint(path, device="cpu"):
-    """checkpoint.load_model (kept here as a thin name for eval.py / export.py): (model in eval mode, config)."""
-    from checkpoint import load_model
-    return load_model(path, device)
-
-
 # ---- python model.py config/X.py ------------------------------------------------------------------------------
 def describe(config):
     """Build the model on the meta device (shapes only, no memory) and report its size and cost."""

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import distill
 from conftest import ROOT, TINY_TEST_MODEL
 from distill import LRCStudent, student_config
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_model as load_checkpoint
+from model import GPT, GPTConfig
 
 TEACHER = dict(n_layer=2, n_embd=48, n_head=4, n_kv_head=2, ffn_hidden=80, vocab_size=100, vocab_pad_multiple=64,
                block_size=32)

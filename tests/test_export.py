@@ -15,7 +15,8 @@ import export
 import hf
 from chat_format import FORMATS, ChatFormat, get_encoding, render
 from conftest import encoding_or_skip, SHARED
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_model as load_checkpoint
+from model import GPT, GPTConfig
 
 OPENSTAX = os.path.join(SHARED, "data", "openstax_edu_text", "sample_50.jsonl")
 

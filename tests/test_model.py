@@ -176,7 +176,7 @@ def test_generate_greedy_matches_argmax_of_recomputation():
 
 
 def test_generate_top_k_and_top_p_restrict_the_choice():
-    from model import sample_next
+    from generation import sample_next
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
     g = torch.Generator().manual_seed(0)
     assert {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)} <= {0, 1}

@@ -92,8 +92,8 @@ def ours(ckpt, docs):
     """eval.py's renderings (from_hub) and per-request log-likelihoods, fp32 on the CPU."""
     import tiktoken
     import torch
-    from model import load_checkpoint
-    model, cfg = load_checkpoint(ckpt, "cpu")
+    from checkpoint import load_model
+    model, cfg = load_model(ckpt, "cpu")
     enc = tiktoken.get_encoding(cfg.get("tokenizer", "gpt2"))
     encode = nf.encoder(enc)
     out = {}
