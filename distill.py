@@ -71,7 +71,7 @@ import checkpoint
 from configurator import configure, script_defaults
 from kernels.rope import rope_tables
 from model import GPT, GPTConfig, sinusoidal_table
-from train import DEFAULTS as TRAIN_DEFAULTS
+from train import DEFAULTS as TRAIN_DEFAULTS, leave
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation defaults, on top of train.py's (config/distill_*.py and --key=value override them).
@@ -409,3 +409,4 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # a clear message, not a traceback
         sys.exit(f"error: {e}")
+    leave()  # a torchrun process skips the interpreter's teardown (train.leave says why)

@@ -264,7 +264,7 @@ def train(cfg, model=None):
             run.bytes_per_token = bytes_per_token(val_data, run)
         run.ckpt = None  # the weights live in the model now: free the CPU copy
         stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
-        if run.ddp:  # the ranks reach teardown together: gloo aborts a rank that leaves while rank 0 still saves
+        if run.ddp:  # the ranks reach teardown together (rank 0 may still be saving)
             dist.barrier()
     finally:
         if run.master:
@@ -377,6 +377,16 @@ def log_step(run, step, optimizer, loss, grad_norm, factor, dt, peak, raw_model)
          "mem_gib": mem, "tokens": step * run.tokens_per_step, **extra})
 
 
+def leave():
+    """The end of a script's process. A torchrun process leaves without the interpreter's finalizers: everything is
+    saved and closed by now, but gloo's worker threads can still be dropping work objects while Python shuts down,
+    and that aborts the process ('terminate called without an active exception', pytorch/pytorch#179291), so a
+    finished run would report failure. os._exit skips that teardown, once the streams are flushed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+
 def main(defaults, argv, prepare=None):
     """The command line of train.py and sft.py: a named error is one line and exit 1, never a traceback."""
     try:
@@ -384,6 +394,7 @@ def main(defaults, argv, prepare=None):
         train(prepare(cfg) if prepare else cfg)
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         sys.exit(f"error: {e}")
+    leave()
 
 
 if __name__ == "__main__":

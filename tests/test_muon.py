@@ -305,5 +305,5 @@ if __name__ == "__main__":  # the DDP worker: python -m torch.distributed.run --
     import torch.distributed as dist
     dist.init_process_group("gloo")
     torch.save(ddp_case(), os.path.join(sys.argv[1], f"rank{dist.get_rank()}.pt"))
-    dist.barrier()  # leave together: gloo can abort a rank that tears down while its peer is still busy
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks' files are written
+    os._exit(0)  # no interpreter teardown: gloo's threads can abort it after the work is done (see train.main)
