@@ -1,10 +1,14 @@
 # tiny: the quick start. A 4-layer, 1.3M-parameter model that trains on a laptop CPU from a fresh clone: train.py
-# prepares data/openstax_sample from the sample in assets/ on first use (prepare_fineweb.ensure_sample, ~1 s).
-# Measured on 2 cores (load average 1-2 from other jobs): 2 min 38 s for preparation + 2,000 steps of 1,024 tokens
-# (0.96 epochs of the sample, ~75 ms a step); validation 2.18 / 2.02 / 1.91 / 1.84 bits per byte at steps
-# 500 / 1000 / 1500 / 2000 (the same run at 1,200 steps: 1.98; a 6-layer d=192 model
-# for 1,000 steps, the same time: 1.98). Its sample is English words, loosely strung ("...the presence of bacterial
-# cells to the specific form of skin...").
+# prepares data/openstax_sample from the sample in assets/ on first use (prepare_fineweb.ensure_sample).
+# Measured on 2 cores (2026-12-01, whole `python train.py config/tiny.py` processes, validation bits per byte at
+# steps 500 / 1000 / 1500 / 2000):
+#   AdamW lr 5e-3, 2,000 steps   2.18 / 2.02 / 1.91 / 1.84    155 s   (the preset until Muon; lr 1e-2 was worse)
+#   Muon 0.02,     2,000 steps   1.94 / 1.80 / 1.67 / 1.60    166 s
+#   Muon 0.02,     1,500 steps   1.92 / 1.76 / 1.66           133 s   (muon_lr 0.04: 1.68; wsd schedule: 1.67)
+# so Muon (kernels/muon.py: orthogonalised momentum for the blocks' matrices, AdamW at learning_rate for the
+# embedding and gains) is worth 0.24 bits per byte here at 7% more time a step. 1,800 steps keep the run, data
+# preparation included, well inside 3 minutes. Its sample is English words, loosely strung ("The cell membrane
+# is called a complementary and the strand of the DNA strand that bind to the single-old sune.").
 # Every architectural feature of the big presets is on: GQA (4 query heads share 2 KV heads), RoPE, SwiGLU.
 # Why its own 4,096-token tokenizer (assets/openstax_4k.json, prepare_tokenizer.py on the sample) and not gpt2:
 # at d=128 gpt2's 50,257-row output layer is 90% of the model's FLOPs (6.4M of 7.2M parameters), so the same two
@@ -22,11 +26,14 @@ ffn_hidden = 384
 block_size = 128
 batch_size = 8
 total_batch_tokens = 1024           # 8 x 128: one micro-batch per step
-max_iters = 2000                    # more steps of a small model beat fewer of a larger one here (above)
+max_iters = 1800                    # (at 2,000 steps / 1,024 tokens: a 6-layer d=192 model for 1,000 steps
+                                    # reached 1.98 with AdamW, the same as this one for 1,200: more steps win)
 eval_interval = 500
 eval_iters = 8
 log_interval = 100
-learning_rate = 5e-3                # small models take large learning rates
+optimizer = "muon"
+muon_lr = 0.02                      # the blocks' matrices (modded-nanogpt's and nanochat's value)
+learning_rate = 5e-3                # AdamW's part: embedding, gains (small models take large learning rates)
 min_lr = 3e-4
 warmup_iters = 30
 weight_decay = 0.1
