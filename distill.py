@@ -53,7 +53,7 @@ Validation reports the student's plain next-token loss and bits per byte, compar
 
 Baselines: --clone_weight=0 (logit-only KD through the projections), --free_student=True (logit-only KD of an
 ordinary randomly initialised student) and train.py with the same shape (from scratch). config/distill_small.py
-has the commands.
+has the commands; bench/distill_study.py runs all three and compares them.
 """
 import copy
 import filecmp

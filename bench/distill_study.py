@@ -64,9 +64,10 @@ ARMS = ("lrc", "kd", "scratch")
 
 def run_arm(arm, scale, teacher_dir, out_dir):
     """One arm's run folder, trained unless it already holds a finished run (then only re-analysed)."""
+    seconds_file = os.path.join(out_dir, "study_seconds.txt")  # the arm's wall-clock, kept for re-analysis
     if os.path.isfile(os.path.join(metrics_dir(arm, out_dir), "metrics.jsonl")) and finished(arm, out_dir):
         print(f"{arm}: already trained in {out_dir}")
-        return None
+        return float(open(seconds_file).read()) if os.path.isfile(seconds_file) else None
     t0 = time.time()
     if arm == "scratch":
         train.train(scratch_config(scale, out_dir))
@@ -74,6 +75,8 @@ def run_arm(arm, scale, teacher_dir, out_dir):
         extra = ["--free_student=True", "--clone_weight=0"] if arm == "kd" else []
         distill.main(scale["student"] + [f"--teacher={teacher_dir}", f"--n_embd={scale['width']}",
                                          f"--out_dir={out_dir}"] + extra)
+    with open(seconds_file, "w") as f:
+        f.write(f"{time.time() - t0:.1f}\n")
     return time.time() - t0
 
 
@@ -124,8 +127,10 @@ def analyse(out_root, scale_name):
     target = curves["scratch"][-1][1]
     reach = tokens_to_reach([(t, l) for t, l, _ in curves["lrc"]], target)
     total = curves["scratch"][-1][0]
+    us = {row[0]: row[-1] for row in rows}  # µs per student token, teacher included
     headline = (f"lrc reaches scratch's final validation loss {target:.4f} after {reach:,.0f} student tokens, "
-                f"{reach / total:.2f} of scratch's {total:,} ({total / reach:.1f}x fewer)" if reach else
+                f"{reach / total:.2f} of scratch's {total:,} ({total / reach:.1f}x fewer); in training time, "
+                f"{reach * us['lrc'] / 1e6:.1f} s against scratch's {total * us['scratch'] / 1e6:.1f} s" if reach else
                 f"lrc does not reach scratch's final validation loss {target:.4f} within {total:,} tokens")
     return rows, curves, headline
 
@@ -170,11 +175,12 @@ def main():
     notes = (f"Scale '{args.scale}': teacher {' '.join(scale['teacher'])} (final validation loss "
              f"{teacher_evals[-1]['val_loss']:.4f}, {teacher_evals[-1]['val_bpb']:.4f} bpb); student d="
              f"{scale['width']}, shared flags: {' '.join(scale['student'])}. Command: python bench/distill_study.py "
-             f"--scale {args.scale}. Wall-clock of each arm here, seconds (evaluation included; None = re-analysed): "
+             f"--scale {args.scale}. Wall-clock of each arm, seconds (evaluation included): "
              f"{ {k: round(v) if v else None for k, v in seconds.items()} }.\n\n**{headline}.**")
     bench_common.write_results(name, ["arm", "student tokens", "val loss", "val bpb", "µs per student token"],
                                rows, notes)
-    plot(curves, os.path.join(bench_common.RESULTS_DIR, f"{name}.png"), f"{name}: {headline}")
+    plot(curves, os.path.join(bench_common.RESULTS_DIR, f"{name}.png"),
+         f"{name}: Low-Rank Clone, logit-only KD and scratch students at equal student tokens")
     with open(os.path.join(bench_common.RESULTS_DIR, f"{name}.json")) as f:
         saved = json.load(f)
     saved["curves"] = curves
