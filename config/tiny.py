@@ -4,7 +4,7 @@
 # steps 500 / 1000 / 1500 / 2000, wall-clock; the same run varies by ~10 s with what else the machine does):
 #   AdamW lr 1.25e-3, 2,000 steps   2.04 / 1.84 / 1.75 / 1.69    151 s
 #   AdamW lr 2.5e-3,  2,000 steps   2.01 / 1.83 / 1.72 / 1.67    153 s   (AdamW's best of the sweep)
-#   AdamW lr 3.5e-3,  2,000 steps   2.03 / 1.85 / 1.73 / 1.67    -
+#   AdamW lr 3.5e-3,  2,000 steps   2.03 / 1.85 / 1.73 / 1.67    165 s
 #   AdamW lr 5e-3,    2,000 steps   2.18 / 2.02 / 1.91 / 1.84    155 s   (the preset until Muon; 1e-2: 1.89)
 #   Muon 0.02,        2,000 steps   1.94 / 1.80 / 1.67 / 1.60    166 s   (its AdamW part at 2.5e-3: 1.63)
 #   Muon 0.02,        1,500 steps   1.92 / 1.76 / 1.66           133 s   (muon_lr 0.04: 1.68; wsd schedule: 1.67)
