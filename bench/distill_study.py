@@ -63,29 +63,45 @@ ARMS = ("lrc", "kd", "scratch")
 
 
 def run_arm(arm, scale, teacher_dir, out_dir):
-    """One arm's run folder, trained unless it already holds a finished run (then only re-analysed)."""
+    """One arm's run folder: trained, resumed where an earlier study was interrupted, or (finished) re-analysed."""
     seconds_file = os.path.join(out_dir, "study_seconds.txt")  # the arm's wall-clock, kept for re-analysis
-    if os.path.isfile(os.path.join(metrics_dir(arm, out_dir), "metrics.jsonl")) and finished(arm, out_dir):
+    before = float(open(seconds_file).read()) if os.path.isfile(seconds_file) else 0.0
+    state = run_state(metrics_dir(arm, out_dir))
+    if state == "finished":
         print(f"{arm}: already trained in {out_dir}")
-        return float(open(seconds_file).read()) if os.path.isfile(seconds_file) else None
+        return before or None
+    resume = ["--init_from=resume"] if state == "partial" else []  # train.py's exact resume from its last save
+    print(f"{arm}: {'resuming the interrupted run' if resume else 'training'} in {out_dir}")
     t0 = time.time()
     if arm == "scratch":
-        train.train(scratch_config(scale, out_dir))
+        train.train(scratch_config(scale, out_dir, resume=bool(resume)))
     else:
         extra = ["--free_student=True", "--clone_weight=0"] if arm == "kd" else []
         distill.main(scale["student"] + [f"--teacher={teacher_dir}", f"--n_embd={scale['width']}",
-                                         f"--out_dir={out_dir}"] + extra)
+                                         f"--out_dir={out_dir}"] + extra + resume)
+    seconds = before + time.time() - t0
     with open(seconds_file, "w") as f:
-        f.write(f"{time.time() - t0:.1f}\n")
-    return time.time() - t0
+        f.write(f"{seconds:.1f}\n")
+    return seconds
 
 
-def scratch_config(scale, out_dir):
+def run_state(run_dir):
+    """Of a train.py run folder: 'finished' (its last evaluation is at the run's max_iters), 'partial' (a saved
+    state to resume from: the study was interrupted), or 'new'."""
+    if not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+        return "new"
+    max_iters = json.load(open(os.path.join(run_dir, "run_config.json")))["max_iters"]
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    return "finished" if evals and evals[-1]["step"] == max_iters else "partial"
+
+
+def scratch_config(scale, out_dir, resume=False):
     """train.py's config for the scratch arm: the student's architecture (the scratch flags), then every training
     setting the distillation arms run with (their resolved config: lr, schedule, batch, data, weight decay, ...)."""
     student = configure(distill.DEFAULTS, scale["student"])
     shared = {k: v for k, v in student.items() if k in train.DEFAULTS and v not in (None, "")}
-    return {**configure(train.DEFAULTS, scale["scratch"]), **shared, "n_embd": scale["width"], "out_dir": out_dir}
+    return {**configure(train.DEFAULTS, scale["scratch"]), **shared, "n_embd": scale["width"], "out_dir": out_dir,
+            **({"init_from": "resume"} if resume else {})}
 
 
 def metrics_dir(arm, out_dir):
@@ -93,14 +109,8 @@ def metrics_dir(arm, out_dir):
     return out_dir if arm == "scratch" else os.path.join(out_dir, "distill")
 
 
-def finished(arm, out_dir):
-    rows = read_metrics(arm, out_dir)
-    evals = [r for r in rows if "val_loss" in r]
-    return bool(evals) and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
-
-
-def read_metrics(arm, out_dir):
-    with open(os.path.join(metrics_dir(arm, out_dir), "metrics.jsonl")) as f:
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -117,7 +127,7 @@ def analyse(out_root, scale_name):
     """Rows of the results table, the curves for the plot, and the headline sentence."""
     curves, rows = {}, []
     for arm in ARMS:
-        metrics = read_metrics(arm, os.path.join(out_root, arm))
+        metrics = read_metrics(metrics_dir(arm, os.path.join(out_root, arm)))
         evals = [r for r in metrics if "val_loss" in r]
         steps = [r for r in metrics if "ms" in r and r["step"] > 1]  # step 1 holds one-off costs (first calls)
         curves[arm] = [(r["tokens"], r["val_loss"], r["val_bpb"]) for r in evals]
@@ -151,29 +161,35 @@ def plot(curves, path, title):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     p.add_argument("--out_root", default=None, help="run folders (default out/distill_study_<scale>)")
     p.add_argument("--teacher", default=None, help="an existing teacher run folder (default: train one)")
     p.add_argument("--name", default=None, help="results name under bench/results (default distill_study_<scale>)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     scale = SCALES[args.scale]
     out_root = args.out_root or f"out/distill_study_{args.scale}"
     name = args.name or f"distill_study_{args.scale}"
     teacher_dir = args.teacher or os.path.join(out_root, "teacher")
+    if args.teacher and not args.teacher.startswith("hf:") and not os.path.exists(args.teacher):
+        sys.exit(f"error: --teacher={args.teacher}: no such run folder or file (leave it out to train one)")
     seconds = {}
-    if not os.path.isfile(os.path.join(teacher_dir, "ckpt.pt")):
+    if not args.teacher and run_state(teacher_dir) != "finished":  # the teacher is a train.py run
         t0 = time.time()
-        train.train(configure(train.DEFAULTS, scale["teacher"] + [f"--out_dir={teacher_dir}"]))
+        resume = ["--init_from=resume"] if run_state(teacher_dir) == "partial" else []
+        train.train(configure(train.DEFAULTS, scale["teacher"] + [f"--out_dir={teacher_dir}"] + resume))
         seconds["teacher"] = time.time() - t0
     for arm in ARMS:
         seconds[arm] = run_arm(arm, scale, teacher_dir, os.path.join(out_root, arm))
     rows, curves, headline = analyse(out_root, args.scale)
-    teacher_evals = [json.loads(line) for line in open(os.path.join(teacher_dir, "metrics.jsonl"))
-                     if '"val_loss"' in line]
-    notes = (f"Scale '{args.scale}': teacher {' '.join(scale['teacher'])} (final validation loss "
-             f"{teacher_evals[-1]['val_loss']:.4f}, {teacher_evals[-1]['val_bpb']:.4f} bpb); student d="
+    teacher_log = os.path.join(teacher_dir, "metrics.jsonl")
+    teacher_evals = [r for r in read_metrics(teacher_dir) if "val_loss" in r] \
+        if os.path.isfile(teacher_log) else []
+    teacher = " ".join(scale["teacher"]) if not args.teacher else args.teacher
+    teacher += (f" (final validation loss {teacher_evals[-1]['val_loss']:.4f}, {teacher_evals[-1]['val_bpb']:.4f} "
+                f"bpb)" if teacher_evals else "")
+    notes = (f"Scale '{args.scale}': teacher {teacher}; student d="
              f"{scale['width']}, shared flags: {' '.join(scale['student'])}. Command: python bench/distill_study.py "
              f"--scale {args.scale}. Wall-clock of each arm, seconds (evaluation included): "
              f"{ {k: round(v) if v else None for k, v in seconds.items()} }.\n\n**{headline}.**")

@@ -25,3 +25,27 @@ def test_scratch_arm_shares_the_distillation_arms_settings(scale):
         assert cfg[key] == student[key], key
     assert cfg["n_embd"] == spec["width"] and cfg["out_dir"] == "out/x" and cfg["weight_decay"] == 0.0
     assert cfg["n_layer"] == (4 if scale == "cpu" else 12)
+
+
+def test_an_interrupted_arm_is_resumed_and_a_finished_one_kept(tmp_path):
+    """A run folder with a saved state whose last evaluation is before max_iters (the study was stopped) is
+    'partial', so the study resumes it (train.py's exact resume) instead of re-analysing half a curve."""
+    import json
+    run = tmp_path / "scratch"
+    assert distill_study.run_state(str(run)) == "new"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"saved")
+    (run / "run_config.json").write_text(json.dumps({"max_iters": 100}))
+    rows = [{"step": 0, "val_loss": 8.0, "val_bpb": 3.0}, {"step": 20, "loss": 7.0, "ms": 5.0},
+            {"step": 50, "val_loss": 6.0, "val_bpb": 2.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert distill_study.run_state(str(run)) == "partial"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 100, "val_loss": 5.0, "val_bpb": 2.0}) + "\n")
+    assert distill_study.run_state(str(run)) == "finished"
+
+
+def test_a_missing_teacher_is_named_before_any_training(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--teacher=.*nowhere: no such run folder"):
+        distill_study.main(["--teacher", str(tmp_path / "nowhere"), "--out_root", str(tmp_path / "study")])
+    assert not (tmp_path / "study").exists()
