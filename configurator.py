@@ -179,6 +179,7 @@ def resolve_batch(run):
             raise ConfigError(f"{run.ckpt_path} holds weights only (a best.pt?): start a run from it with "
                               f"--init_from={run.ckpt_path} instead of resuming")
         run.start_step = run.ckpt["step"]
+        # the inverse of train.first_sample: the saved next window, minus the steps before it
         run.data_offset = run.ckpt["data"]["next_sample"] - run.start_step * run.grad_accum * run.rows_per_micro
 
 

@@ -353,9 +353,7 @@ def resolve(cfg, teacher_config, teacher_run):
         if not same_tokenizer(meta.get("tokenizer", t_tok), t_tok):
             raise ValueError(f"{meta_path}: the shards were tokenized with '{meta['tokenizer']}' but the teacher "
                              f"uses '{t_tok}'")
-    if cfg["free_student"] and cfg["clone_weight"] > 0:
-        raise ValueError(f"free_student=True has no projections to map o and down into the student's width: set "
-                         f"clone_weight=0 (logit-only KD), not {cfg['clone_weight']}")
+        cfg["tokenizer"] = meta.get("tokenizer", t_tok)  # the same tokenizer, named as the shards name it (resolve)
     if cfg["init_from"] not in ("scratch", "resume"):
         raise ValueError(f"init_from='{cfg['init_from']}': distill.py starts from the teacher ('scratch') or "
                          f"continues its own run ('resume'); the teacher is set by --teacher")

@@ -82,8 +82,6 @@ llm-foundry's CommonsenseQA has 4 choices per item (the hub's has 5), and its Bo
 "Title -- " prefix. HellaSwag's file holds `ctx` = ctx_a + " " + ctx_b, already cleaned of WikiHow's
 "[title]"/"[step]" markup (the same cleaning the harness applies).
 """
-import gzip
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional

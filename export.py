@@ -37,7 +37,7 @@ import torch
 import hf
 from chat_format import EOT, EXTRA_TOKENS, ChatFormat, get_encoding
 from checkpoint import load_model
-from model import GPT, GPTConfig
+from tokenizer import bytes_to_unicode
 
 DEFAULT_DIR = {"hf": "hf", "native": "export", "onnx": "onnx"}  # under the run folder
 
@@ -82,19 +82,6 @@ def write_safetensors(path, tensors):
 
 
 # ---- the tokenizer: tiktoken ranks -> a Hugging Face byte-level BPE -------------------------------------------
-def byte_symbols():
-    """GPT-2's byte -> printable character table. Byte-level BPE vocabularies are stored as text, so every byte
-    needs a visible character: printable ASCII and Latin-1 stand for themselves, the other 68 bytes (control
-    characters, space, ...) are shifted to U+0100 and up. Space (0x20) becomes 'Ġ', as in every GPT-2 vocab."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shifted = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
 def hf_pattern(pat):
     """tiktoken's split regex in the dialect of `tokenizers` (Oniguruma). Both read `x++` as possessive, but
     Oniguruma reads `x{1,3}+` as "(x{1,3}) one or more times", not as a possessive {1,3}: cl100k's
@@ -118,7 +105,7 @@ def tokenizer_json(enc, specials):
     # so three merges, each ranked 262, make it. Whichever pair of pieces a word reaches, " the" is made when 262
     # is the lowest rank on offer, in both libraries, so both arrive at the same tokens (tested on 50 OpenStax
     # documents). tiktoken keeps the ranks and the regex in "private" attributes; they are its data.
-    sym = byte_symbols()
+    sym = bytes_to_unicode()  # byte -> visible character, as GPT-2 vocabularies store them
     ranks = enc._mergeable_ranks
     text = {r: "".join(sym[x] for x in b) for b, r in ranks.items()}  # rank -> the token as vocab text
     merges = sorted((r, ranks[b[:i]], ranks[b[i:]])  # (made, left, right), by the rank of what it makes

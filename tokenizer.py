@@ -215,8 +215,3 @@ class HFEncoding:
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
-
-
-def describe(enc):
-    """One line for logs: the tokenizer, its vocabulary and end-of-text id."""
-    return f"{enc.name}: vocabulary {enc.n_vocab}, end-of-text id {enc.eot_token}"

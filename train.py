@@ -31,7 +31,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -152,6 +151,13 @@ def make_optimizer(model, run, estimator=None):
     return opt
 
 
+def first_sample(run, step, micro=0):
+    """The index of the first window of a micro-step, counted over all ranks: the run's data order is this one
+    formula, so a resumed run (data_offset) and Sophia's estimator (the step's first micro-batch) read the same
+    windows as an uninterrupted run. checkpoint 'next_sample' is first_sample(run, step) at the saved step."""
+    return run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
+
+
 def hessian_estimator(model, raw_model, data, run):
     """Sophia's curvature sample (Gauss-Newton-Bartlett): the gradient of the loss on labels *sampled from the
     model's own softmax*, squared, estimates the Gauss-Newton diagonal. One micro-batch per process (the step's
@@ -161,7 +167,7 @@ def hessian_estimator(model, raw_model, data, run):
     from kernels.sophia import sampled_label_loss
 
     def estimate(step):
-        first = run.data_offset + step * run.grad_accum * run.rows_per_micro
+        first = first_sample(run, step)
         x, y, starts = data.batch(first + run.rank * run.batch_size, run.batch_size, run.device, run.doc_mask)
         label_gen = torch.Generator(device=run.device).manual_seed((run.seed * 1_000_003 + step) * run.world + run.rank)
         with run.autocast:
@@ -236,8 +242,9 @@ def train(cfg, model=None):
     lock = checkpoint.lock_run_folder(run.out_dir) if run.master else None  # one run per folder
     try:
         torch.manual_seed(run.seed)  # the same initial weights on every rank and in every rerun
-        raw_model = model or GPT(GPTConfig(**run.model))  # checkpoints save this one: no compile/DDP prefixes
-        if raw_model.config != GPTConfig(**run.model):
+        want = GPTConfig(**run.model)
+        raw_model = model or GPT(want)  # checkpoints save this one: no compile/DDP prefixes
+        if raw_model.config != want:
             raise ValueError(f"the model handed to train() is {raw_model.config}, the run asks for {run.model}")
         if run.ckpt is not None:
             raw_model.load_state_dict(run.ckpt["model"])
@@ -287,6 +294,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     handlers = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # see check_finite
     peak = (run.peak_flops or checkpoint.peak_flops(run.device)) * run.world
+    flops_per_token = raw_model.flops_per_token()
     t0, timed = time.time(), 0  # wall-clock since the last log point, and the steps it covers
     try:
         while True:
@@ -301,7 +309,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 if run.master and run.save_checkpoints and step > run.start_step:
                     check_finite(run, step, first_bad, raw_model)
                     run.best_val = min(run.best_val, val)
-                    next_sample = run.data_offset + step * run.grad_accum * run.rows_per_micro
+                    next_sample = first_sample(run, step)
                     path = checkpoint.save_run(run.out_dir, raw_model, optimizer, step, run.best_val, run.config,
                                                next_sample, run.device, best=val <= run.best_val)
                     run.last_good = (path, step)
@@ -315,7 +323,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
             loss_sum = torch.zeros((), device=run.device)  # summed on the device, read at log points only
             for micro in range(run.grad_accum):
                 run.new_graph_step()  # reduce-overhead: the next CUDA-graph replay may reuse the last outputs
-                first = run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
+                first = first_sample(run, step, micro)
                 x, y, starts = train_data.batch(first + run.rank * run.batch_size, run.batch_size, run.device,
                                                 run.doc_mask)
                 # DDP all-reduces gradients during backward; only the last micro-step needs it
@@ -336,7 +344,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 check_finite(run, step, first_bad)
                 dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
                 log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
-                         peak, raw_model)
+                         peak, flops_per_token)
                 if run.ddp:  # every rank must agree to stop, or the others hang in the next all-reduce
                     flag = torch.tensor(float(bool(received)), device=run.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -362,11 +370,11 @@ def log(run, text, row=None):
                 f.write(json.dumps({**row, "time": time.time()}) + "\n")
 
 
-def log_step(run, step, optimizer, loss, grad_norm, factor, dt, peak, raw_model):
+def log_step(run, step, optimizer, loss, grad_norm, factor, dt, peak, flops_per_token):
     """One training log line. dt: seconds per step over the steps since the last log point. MFU = achieved
     FLOP/s (6N + attention per token, model.flops_per_token) / the GPUs' dense bf16 peak."""
     tok_s = run.tokens_per_step / dt  # all ranks' tokens: the run's throughput, not one GPU's
-    mfu = raw_model.flops_per_token() * tok_s / peak if peak else float("nan")
+    mfu = flops_per_token * tok_s / peak if peak else float("nan")
     mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else 0.0  # peak
     extra = getattr(optimizer, "log_stats", dict)() if run.master else {}  # e.g. Sophia's win rate (syncs)
     gpu = f" | MFU {mfu * 100:5.1f}% | mem {mem:.1f} GiB" if run.device.type == "cuda" else ""
@@ -392,7 +400,7 @@ def main(defaults, argv, prepare=None):
     try:
         cfg = configure(defaults, argv)
         train(prepare(cfg) if prepare else cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    except (ValueError, FloatingPointError, OSError) as e:  # OSError: FileNotFoundError too
         sys.exit(f"error: {e}")
     leave()
 

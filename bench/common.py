@@ -1,6 +1,7 @@
 """
-What every benchmark in bench/ shares: timing on the GPU, the GPU's name and copy bandwidth, and writing a
-results file (markdown table + the raw rows as JSON) that names the GPU, the date and the commit.
+What every benchmark in bench/ shares: timing on the GPU, the GPU's name and copy bandwidth, writing a
+results file (markdown table + the raw rows as JSON) that names the GPU, the date and the commit, and reading
+the training studies' runs (a run folder's metrics.jsonl, where a loss curve reaches a target).
 
 Timing uses CUDA events around many repetitions after a warm-up, and reports the median: one slow outlier
 (a clock ramp, an allocator hiccup) does not move it. The L2 cache is flushed between repetitions by
@@ -84,9 +85,10 @@ def copy_bandwidth_gbs(nbytes=2 * 1024**3):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def write_results(name, header, rows, notes="", stamp=None):
-    """Write bench/results/<name>.md (a table) and <name>.json (the rows), stamped with GPU, date, commit.
-    stamp: the stamp of the machine that measured, when the rows are re-analysed elsewhere (e.g. on a CPU)."""
+def write_results(name, header, rows, notes="", stamp=None, extra=None):
+    """Write bench/results/<name>.md (a table) and <name>.json (the rows, and `extra`: e.g. the curves), stamped
+    with GPU, date, commit. stamp: the stamp of the machine that measured, when the rows are re-analysed
+    elsewhere (e.g. on a CPU)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     if stamp is None:
         stamp = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(),
@@ -107,6 +109,26 @@ def write_results(name, header, rows, notes="", stamp=None):
     with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump({**stamp, "header": header, "rows": rows}, f, indent=1)
+        json.dump({**stamp, "header": header, "rows": rows, **(extra or {})}, f, indent=1)
     print(text)
     return os.path.join(RESULTS_DIR, f"{name}.md")
+
+
+# ---- the training studies' runs ------------------------------------------------------------------------------
+def metrics_rows(run_dir):
+    """The rows of a train.py run folder's metrics.jsonl ([] if it has none yet)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def first_reach(xs, ys, target):
+    """The first x at which the linearly interpolated curve comes down to `target`; None if it never does."""
+    if ys and ys[0] <= target:
+        return xs[0]
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if y1 <= target < y0:
+            return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return None

@@ -91,7 +91,7 @@ def run_state(run_dir):
     if not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
         return "new"
     max_iters = json.load(open(os.path.join(run_dir, "run_config.json")))["max_iters"]
-    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    evals = [r for r in bench_common.metrics_rows(run_dir) if "val_loss" in r]
     return "finished" if evals and evals[-1]["step"] == max_iters else "partial"
 
 
@@ -109,25 +109,17 @@ def metrics_dir(arm, out_dir):
     return out_dir if arm == "scratch" else os.path.join(out_dir, "distill")
 
 
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def tokens_to_reach(curve, target):
     """The first token count at which a (tokens, loss) curve reaches `target`, interpolated linearly between eval
     points; None when it never does."""
-    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1) if l0 > target else t0
-    return None
+    return bench_common.first_reach([t for t, _ in curve], [l for _, l in curve], target)
 
 
-def analyse(out_root, scale_name):
+def analyse(out_root):
     """Rows of the results table, the curves for the plot, and the headline sentence."""
     curves, rows = {}, []
     for arm in ARMS:
-        metrics = read_metrics(metrics_dir(arm, os.path.join(out_root, arm)))
+        metrics = bench_common.metrics_rows(metrics_dir(arm, os.path.join(out_root, arm)))
         evals = [r for r in metrics if "val_loss" in r]
         steps = [r for r in metrics if "ms" in r and r["step"] > 1]  # step 1 holds one-off costs (first calls)
         curves[arm] = [(r["tokens"], r["val_loss"], r["val_bpb"]) for r in evals]
@@ -175,17 +167,16 @@ def main(argv=None):
     if args.teacher and not args.teacher.startswith("hf:") and not os.path.exists(args.teacher):
         sys.exit(f"error: --teacher={args.teacher}: no such run folder or file (leave it out to train one)")
     seconds = {}
-    if not args.teacher and run_state(teacher_dir) != "finished":  # the teacher is a train.py run
+    teacher_state = "given" if args.teacher else run_state(teacher_dir)  # else a train.py run of ours
+    if teacher_state in ("new", "partial"):
         t0 = time.time()
-        resume = ["--init_from=resume"] if run_state(teacher_dir) == "partial" else []
+        resume = ["--init_from=resume"] if teacher_state == "partial" else []
         train.train(configure(train.DEFAULTS, scale["teacher"] + [f"--out_dir={teacher_dir}"] + resume))
         seconds["teacher"] = time.time() - t0
     for arm in ARMS:
         seconds[arm] = run_arm(arm, scale, teacher_dir, os.path.join(out_root, arm))
-    rows, curves, headline = analyse(out_root, args.scale)
-    teacher_log = os.path.join(teacher_dir, "metrics.jsonl")
-    teacher_evals = [r for r in read_metrics(teacher_dir) if "val_loss" in r] \
-        if os.path.isfile(teacher_log) else []
+    rows, curves, headline = analyse(out_root)
+    teacher_evals = [r for r in bench_common.metrics_rows(teacher_dir) if "val_loss" in r]
     teacher = " ".join(scale["teacher"]) if not args.teacher else args.teacher
     teacher += (f" (final validation loss {teacher_evals[-1]['val_loss']:.4f}, {teacher_evals[-1]['val_bpb']:.4f} "
                 f"bpb)" if teacher_evals else "")
@@ -194,14 +185,9 @@ def main(argv=None):
              f"--scale {args.scale}. Wall-clock of each arm, seconds (evaluation included): "
              f"{ {k: round(v) if v else None for k, v in seconds.items()} }.\n\n**{headline}.**")
     bench_common.write_results(name, ["arm", "student tokens", "val loss", "val bpb", "µs per student token"],
-                               rows, notes)
+                               rows, notes, extra={"curves": curves})
     plot(curves, os.path.join(bench_common.RESULTS_DIR, f"{name}.png"),
          f"{name}: Low-Rank Clone, logit-only KD and scratch students at equal student tokens")
-    with open(os.path.join(bench_common.RESULTS_DIR, f"{name}.json")) as f:
-        saved = json.load(f)
-    saved["curves"] = curves
-    with open(os.path.join(bench_common.RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump(saved, f, indent=1)
 
 
 if __name__ == "__main__":

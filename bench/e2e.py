@@ -154,19 +154,12 @@ def time_nanogpt(path, batch_size, args):
         return row
     ms, mfu_a100 = map(float, found[-1])
     row["tok_s"] = batch_size * 1024 / (ms / 1000)
-    peak = gpu_peak()
+    import torch
+    from checkpoint import peak_flops
+    peak = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else 0.0  # what our runs divide by
     row["mfu"] = mfu_a100 / 100 * 312e12 / peak if peak else None
     print(f"   -> {row}", flush=True)
     return row
-
-
-def gpu_peak():
-    try:
-        from checkpoint import GPU_PEAK_FLOPS
-    except Exception:
-        return None
-    name = gpu_name()
-    return next((v for k, v in sorted(GPU_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -176,7 +169,7 @@ def write_report(rows, stamp, args):
         json.dump({**stamp, "rows": rows}, f, indent=1)
     full = {p: read_config_file(os.path.join(ROOT, "config", f"{p}.py")).get("n_layer", 12) for p in PRESETS}
     by = {(r["preset"], r["kernels"]): r for r in rows}
-    lines = [f"# End-to-end training speed (bench/e2e.py)", "",
+    lines = ["# End-to-end training speed (bench/e2e.py)", "",
              f"GPU: {stamp['gpu']} · date: {stamp['date']} · commit: {stamp['commit']} · {args.steps} steps a run, "
              f"tokens/s = median of the logged steps past step {args.steps // 2}"
              + (f" · compile_mode={args.compile_mode}" if args.compile_mode else ""), "",

@@ -571,7 +571,7 @@ def cross_entropy_model(presets=("parchment_166m", "lrc_1p5b"), steps=3):
     rows = []
     for preset in presets:
         cfg = read_config_file(os.path.join(root, "config", f"{preset}.py"))
-        model_cfg = GPTConfig(**{k: v for k, v in cfg.items() if k in GPTConfig.__dataclass_fields__})
+        model_cfg = GPTConfig.from_dict(cfg)
         B, T = cfg["batch_size"], model_cfg.block_size
         torch.manual_seed(0)
         with torch.device(DEVICE):  # initialised on the GPU: a 1.5B model's init on the host takes a while

@@ -159,7 +159,7 @@ def muon_cases(train_step):
     preset = read_config_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            "config", "gpt2_124m.py"))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})).to(DEVICE)
+    model = GPT(GPTConfig.from_dict(preset)).to(DEVICE)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     muon = Muon(model, lr=0.02, adamw_lr=6e-4)

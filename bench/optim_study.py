@@ -75,6 +75,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import common as bench_common  # noqa: E402  (its RESULTS_DIR honours $BENCH_OUT)
+from bench.common import first_reach, metrics_rows  # noqa: E402
 from shards import list_shards, read_header  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,16 +186,6 @@ def value_at(xs, ys, x):
     return ys[-1] if xs and x == xs[-1] else None
 
 
-def first_reach(xs, ys, target):
-    """The first x at which the linearly interpolated curve comes down to `target`; None if it never does."""
-    if ys and ys[0] <= target:
-        return xs[0]
-    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
-        if y1 <= target < y0:
-            return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
-    return None
-
-
 def analyse_run(out_dir, optimizer=None, hess_interval=None):
     """Losses and compile-excluded step times of one run directory (metrics.jsonl written by train.py)."""
     name = os.path.basename(os.path.normpath(out_dir))
@@ -202,8 +193,7 @@ def analyse_run(out_dir, optimizer=None, hess_interval=None):
     cfg = run_config(out_dir)
     optimizer = optimizer or cfg.get("optimizer") or name.split("_")[0]  # the arm's name says it too
     k = hess_interval or cfg.get("hess_interval") or PRESET_HESS_INTERVAL
-    path = os.path.join(out_dir, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    rows = metrics_rows(out_dir)
     steps = [r for r in rows if "ms" in r]
     evals = [r for r in rows if "val_loss" in r]
     r = {"name": name, "model": model, "optimizer": optimizer, "hess_interval": k, "config": cfg, "steps": 0,
