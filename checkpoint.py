@@ -113,12 +113,13 @@ def save_run(out_dir, model, optimizer, step, best_val, config, next_sample, dev
     return path
 
 
-def save(path, payload):
-    """torch.save to `<path>.<pid>.tmp`, then an atomic rename over `path`. The temporary's name is unique to the
-    process, so two writers never tear each other's file; on any failure it is removed and the old file stays."""
+def save(path, payload, writer=None):
+    """writer(payload, tmp) (torch.save unless told) to `<path>.<pid>.tmp`, then an atomic rename over `path`. The
+    temporary's name is unique to the process, so two writers never tear each other's file; on any failure it is
+    removed and the old file stays."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        torch.save(payload, tmp)
+        (writer or torch.save)(payload, tmp)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -131,6 +132,16 @@ def save(path, payload):
             raise OSError(f"no space left writing {path} ({kept}, the partial file removed): free some disk "
                           f"space and resume") from None
         raise
+
+
+def save_json(path, obj, indent=None):
+    """save() for a JSON file (eval.json, a tokenizer file): written whole or not at all."""
+    import json
+
+    def write(payload, tmp):
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=indent)
+    save(path, obj, writer=write)
 
 
 def lock_run_folder(out_dir):

@@ -73,12 +73,13 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import checkpoint
 
 from eval_tasks import (DEFAULT_DATA_ROOT, LRC_COLUMNS, LRC_REFERENCE, SUITES, TASKS, load_items, read_rows,
                         resolve_tasks)
@@ -92,12 +93,6 @@ LOGSOFTMAX_CHUNK = 8192   # continuation positions per log_softmax: bounds the f
 def progress_bar(total, desc, enabled):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="seq", disable=None if enabled else True, leave=False)
-
-
-def autocast_for(device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ---- scoring: log p(continuation | context) for a list of token-id pairs ------------------------------------
@@ -123,7 +118,7 @@ def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, 
     n = len(seqs)
     logprob, greedy = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
     order = sorted(range(n), key=lambda i: -len(seqs[i][0]))   # longest first: little padding, OOM shows early
-    autocast = autocast_for(device)
+    autocast = checkpoint.autocast(device, checkpoint.pick_dtype("auto", device))  # bf16 on a GPU that has it
     bar = progress_bar(n, desc, progress)
     i = 0
     while i < n:
@@ -172,7 +167,7 @@ def greedy_generate(model, prompts, max_new_tokens, block_size, n_vocab, device,
     prompts = [list(p[-keep:]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
-    autocast = autocast_for(device)
+    autocast = checkpoint.autocast(device, checkpoint.pick_dtype("auto", device))  # bf16 on a GPU that has it
     bar = progress_bar(len(prompts), desc, progress)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
@@ -470,7 +465,6 @@ def run_name(ckpt):
 def check_checkpoint(ckpt):
     """Fail before any work if `ckpt` is neither a nanoforge checkpoint nor a Hugging Face folder (checkpoint.py
     is the one resolver: run folder -> ckpt.pt, a .pt file, hf:<folder> or an exported folder)."""
-    import checkpoint
     if not checkpoint.is_hf_folder(ckpt):
         checkpoint.find(ckpt)
 
@@ -483,29 +477,18 @@ def read_results(path):
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it to evaluate again") from None
 
 
-def write_results(results, out):
-    """Temporary file, then rename: a crash mid-write leaves the previous eval.json whole."""
-    tmp = f"{out}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, out)
-
-
 def evaluate_checkpoint(ckpt, args, tasks, bpb):
     """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
-    import checkpoint
     from tokenizer import get_encoding  # the one loader: tiktoken names (offline too), our BPE files, tokenizer.json
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = checkpoint.pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
-    file = ckpt if checkpoint.is_hf_folder(ckpt) else checkpoint.find(ckpt)
+    hf_folder = checkpoint.is_hf_folder(ckpt)
+    file = ckpt if hf_folder else checkpoint.find(ckpt)
     model, cfg = checkpoint.load_model(ckpt, device)
     enc = get_encoding(cfg.get("tokenizer", "gpt2"))
     step = None  # the step is metadata; a memory-mapped second look (tensors only, no code) costs nothing
-    if not checkpoint.is_hf_folder(ckpt):
+    if not hf_folder:
         step = int(checkpoint.load(ckpt, mmap=True).get("step", -1))
     batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
     print(f"evaluating {file} (step {step}, {model.num_params():,} parameters, context {model.config.block_size}) "
@@ -517,7 +500,7 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
                     else "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": time.time() - t0})
     out = (args.out if not args.compare else "") or os.path.join(run_folder(ckpt), "eval.json")
-    write_results(results, out)
+    checkpoint.save_json(out, results, indent=1)  # a crash mid-write leaves the previous eval.json whole
     print(format_table(results))
     print(f"total {results['seconds']:.1f} s; wrote {out}")
     return results

@@ -39,10 +39,11 @@ tests/test_tokenizer.py checks that both engines cut the same text into the same
 """
 import argparse
 import base64
-import json
 import os
 import sys
 from itertools import islice
+
+import checkpoint  # save_json: the one atomic writer
 
 # GPT-4's split, written so Oniguruma (training) and tiktoken (use) read it alike (see the docstring): contractions
 # ('s 'll ...), a word with at most one leading non-letter (" the", "(the"), 1-3 digits, punctuation with the
@@ -155,10 +156,7 @@ def main(argv=None):
     name = os.path.splitext(os.path.basename(args.out))[0]
     obj = train(budget(docs), args.vocab_size, name)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, args.out)  # written whole or not at all
+    checkpoint.save_json(args.out, obj)  # written whole or not at all
     n_vocab = len(obj["mergeable_ranks"]) + len(obj["special_tokens"])
     print(f"wrote {args.out}: {n_vocab:,} ids ({len(obj['mergeable_ranks']):,} byte sequences + specials "
           f"{list(obj['special_tokens'])})")
