@@ -212,13 +212,13 @@ def read_meta(data_dir):
 def check_data(run, meta):
     """The shards against the model: headers agree with meta.json, and SFT data (a chat format, maybe padded to
     one conversation per window) fits the model that will train on it."""
-    from shards import list_shards, read_header
+    from shards import list_shards, n_windows, read_header
     for path in list_shards(run.data_dir, "val") + list_shards(run.data_dir, "train"):
         head = read_header(path)
         if head["vocab_size"] and (head["vocab_size"], head["eot"]) != (meta["vocab_size"], meta["eot"]):
             raise ValueError(f"{path}: header says vocabulary {head['vocab_size']} / end-of-text {head['eot']}, "
                              f"meta.json says {meta['vocab_size']} / {meta['eot']}: shards from different runs")
-        run.train_windows += (head["n_tokens"] - 1) // run.block_size if "train_" in os.path.basename(path) else 0
+        run.train_windows += n_windows(head["n_tokens"], run.block_size) if "train_" in os.path.basename(path) else 0
     if meta.get("kind") == "sft":
         from chat_format import ChatFormat, get_encoding
         if getattr(run, "chat_format", "") and run.chat_format != meta["format"]:

@@ -207,6 +207,13 @@ def sinusoidal_table(n_pos, dim):
     return pe.float()
 
 
+def weight_decayed(name, param):
+    """The weight-decay rule for a GPT's parameters (train.py's AdamW and Sophia, Muon's AdamW part): the matrices
+    decay; the norms' gains do not (their scale is the point of them), nor, by choice, the embedding and position
+    tables, whose rows for rare tokens would otherwise decay towards zero."""
+    return param.dim() >= 2 and not name.startswith(("wte.", "wpe."))
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -122,16 +122,16 @@ def to_messages(row):
 def read_local(path):
     """(where, row) pairs of a .jsonl (one object a line) or .json (a list of objects) file; `where` ("file:line"
     or "file: item i") is what an error about that row names."""
-    # Read the bytes and decode them ourselves: an error then names the line. (json.loads of one line would say
-    # "line 1", and a list comprehension over the file would lose which line it was on, which is what #15 found.)
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     if path.endswith(".json"):
+        # Read the bytes and decode them ourselves: an error then names the line. (A list comprehension over the
+        # file would lose which line it was on, which is what #15 found.)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:

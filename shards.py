@@ -137,10 +137,15 @@ def list_shards(data_dir, split):
 # Data: fixed windows of block_size + 1 tokens, shuffled once per epoch by a seeded permutation. Sample number g
 # of the run is window perm_epoch[g % n] of epoch g // n, so the data is a pure function of (seed, g): resuming
 # at step s, or splitting a step over ranks, reads exactly the windows an uninterrupted single process would.
+def n_windows(n_tokens, block_size):
+    """Training windows in a shard of n_tokens: block_size inputs + the next token as the last target."""
+    return (n_tokens - 1) // block_size
+
+
 class TokenWindows:
     def __init__(self, data_dir, split, block_size, vocab_size, seed, shuffle):
         self.shards = [open_shard(p, vocab_size) for p in list_shards(data_dir, split)]
-        self.first = np.cumsum([0] + [(info["n_tokens"] - 1) // block_size for _, _, info in self.shards])  # starts
+        self.first = np.cumsum([0] + [n_windows(info["n_tokens"], block_size) for _, _, info in self.shards])  # starts
         self.n, self.block_size, self.seed, self.shuffle = int(self.first[-1]), block_size, seed, shuffle
         self._perm_epoch = self._perm = None
 

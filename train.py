@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import configurator
 from configurator import configure, script_defaults
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, weight_decayed
 from shards import TokenWindows  # the data: fixed windows of the shards, a pure function of (seed, sample)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,12 +125,11 @@ def lr_factor(step, run):
 
 
 def make_optimizer(model, run, estimator=None):
-    """Weight decay on the matrices of the blocks only: not on norms (their scale is the point of them), and
-    by choice not on the embedding/head, whose rows for rare tokens would otherwise decay towards zero.
+    """The run's optimizer, weight decay by model.weight_decayed (the matrices, not the gains or the embedding).
     estimator: Sophia's curvature sample (hessian_estimator below); the optimizer calls it itself when due."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and not name.startswith(("wte.", "wpe.")) else no_decay).append(p)
+        (decay if weight_decayed(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = (run.beta1, run.beta2)  # momentum and second-moment (or Hessian EMA) decay
     if run.optimizer == "sophia":

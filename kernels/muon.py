@@ -217,13 +217,14 @@ def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16):
 # ----------------------------------------------------------------------------------------------------------------
 def split_params(model):
     """(muon, adamw_decay, adamw_no_decay) of a raw GPT: the 2-D parameters inside model.blocks go to Muon;
-    among the rest, train.py's weight-decay rule: decay for other matrices (an untied lm_head), none for the
-    embeddings and the gains (norms)."""
+    among the rest, model.weight_decayed (train.py's rule): decay for other matrices (an untied lm_head), none for
+    the embeddings and the gains (norms)."""
+    from model import weight_decayed  # here, not at the top: model.py imports kernels/
     muon, decay, no_decay = [], [], []
     for name, p in model.named_parameters():  # a tied head is the embedding: named once, as wte.weight
         if name.startswith("blocks.") and p.ndim == 2:
             muon.append(p)
-        elif p.ndim >= 2 and not name.startswith(("wte.", "wpe.")):
+        elif weight_decayed(name, p):
             decay.append(p)
         else:
             no_decay.append(p)
