@@ -202,12 +202,6 @@ class LRCStudent(nn.Module):
         return self
 
     # ---- the student's weights ----------------------------------------------------------------------------
-    @property
-    def qkv_widths(self):
-        """c_attn's output [q | k | v]: Hq*D, Hkv*D, Hkv*D, the teacher's and the student's alike."""
-        c = self.config
-        return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-
     def student_weights(self):
         """Every weight of the student's GPT, by model.py's names, as teacher weight x projection (fp32
         products: the teacher may be held in bf16, the projections are fp32; under autocast they run bf16)."""
@@ -224,7 +218,7 @@ class LRCStudent(nn.Module):
         if c.pos == "learned":
             w["wpe.weight"] = inp(t.wpe.weight, self.p_emb)
         for i, (block, p) in enumerate(zip(t.blocks, self.layers)):
-            q, k, v = block.attn.c_attn.weight.split(self.qkv_widths)
+            q, k, v = block.attn.c_attn.weight.split(self.config.qkv_sizes)
             fc = block.mlp.c_fc.weight  # SwiGLU packs [gate | up]; a plain MLP has up only
             fc_s = (torch.cat([inp(h, p[k]) for h, k in zip(fc.chunk(2), ("gate", "up"))]) if c.mlp == "swiglu"
                     else inp(fc, p["up"]))
@@ -283,7 +277,7 @@ class LRCStudent(nn.Module):
 
     def clone_loss(self, s, t):
         """Sum over layers of MSE(student activation, teacher activation [x P where the widths differ])."""
-        total, qkv = 0.0, self.qkv_widths
+        total, qkv = 0.0, self.config.qkv_sizes
         for i, p in enumerate(self.layers):
             pairs = list(zip(s[i, "attn.c_attn"].split(qkv, -1), t[i, "attn.c_attn"].split(qkv, -1)))
             if self.config.mlp == "swiglu":  # [gate | up], as model.py packs them

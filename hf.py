@@ -66,7 +66,7 @@ def _names(config):
 def _split_sizes(config, name):
     """Row counts of the pieces of a fused matrix: [q, k, v] = [Hq*D, Hkv*D, Hkv*D] or [gate, up] = [F, F]."""
     if name.endswith("c_attn.weight"):
-        return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+        return config.qkv_sizes
     return [config.ffn_hidden] * 2
 
 

@@ -77,6 +77,11 @@ class GPTConfig:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
 
     @property
+    def qkv_sizes(self):
+        """c_attn's output, one matmul for all three: [q | k | v] = [Hq*D, Hkv*D, Hkv*D] columns."""
+        return [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+
+    @property
     def padded_vocab_size(self):
         m = max(1, self.vocab_pad_multiple)
         return (self.vocab_size + m - 1) // m * m
@@ -135,10 +140,9 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        # one matmul produces q, k and v: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)]
-        self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=False)
-        self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
+        self.qkv_sizes = config.qkv_sizes  # one matmul produces q, k and v: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)]
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=False)
+        self.c_proj = nn.Linear(self.qkv_sizes[0], config.n_embd, bias=False)
 
     def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
         """x (B, T, d) -> (B, T, d). Training and prefill: T queries against the same T keys. Decoding with a
@@ -147,7 +151,7 @@ class Attention(nn.Module):
         every case. RoPE rotates q and k *before* k enters the cache: cached keys keep their own positions."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if rope_cos_sin is not None:
             q, k = apply_rope(q, k, *rope_cos_sin)
