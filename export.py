@@ -337,13 +337,9 @@ def export_onnx(model, run_config, out_dir, dtype="float32"):
     # to (2, 8). The length is bounded by the context: the model refuses longer inputs, and the RoPE tables end there
     wrapper, idx = LogitsOnly(model).eval(), torch.zeros(2, min(8, model.config.block_size), dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=model.config.block_size)
-    previous = {name: kernels.backend(name) for name in kernels.KERNEL_NAMES}  # restored afterwards, whatever happens
-    kernels.set_backend("torch")
-    try:
+    with kernels.backend_as("torch"):  # the twins: plain torch ops that ONNX can express
         program = torch.onnx.export(wrapper, (idx,), dynamo=True, input_names=["idx"], output_names=["logits"],
                                     dynamic_shapes={"idx": {0: torch.export.Dim("batch"), 1: seq}})
-    finally:
-        kernels.set_backend(",".join(["auto"] + [f"{k}={v}" for k, v in previous.items()]))
     path = os.path.join(out_dir, "model.onnx")
     program.save(path)  # a model over 2 GB gets its weights in a model.onnx.data beside it (protobuf's limit)
     return path

@@ -54,13 +54,10 @@ def param_groups(params):
 
 def with_twin(kernel, fn):
     """fn run with `kernel`'s PyTorch twin forced (for Muon: the Newton-Schulz products by torch.bmm / baddbmm),
-    then the default switch restored."""
+    then the previous switch restored."""
     def wrapped():
-        kernels.set_backend(f"auto,{kernel}=torch")
-        try:
+        with kernels.backend_as(f"auto,{kernel}=torch"):
             fn()
-        finally:
-            kernels.set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
     return wrapped
 
 

@@ -51,6 +51,7 @@ is the same function with its launches skipped. Compiled graphs then keep the ke
 the autograd wiring and the shapes under torch.compile; the real inlining is checked by the GPU tests.
 """
 import os
+from contextlib import contextmanager
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -95,6 +96,19 @@ def set_backend(spec):
     _backend.clear()
     _backend.update({k: "auto" for k in KERNEL_NAMES})
     _backend.update(parsed)
+
+
+@contextmanager
+def backend_as(spec):
+    """set_backend(spec) for the length of a `with` block; the previous choices come back afterwards, whatever
+    happens (export.py's ONNX trace through the twins, bench/optim.py's twin timings)."""
+    previous = dict(_backend)
+    set_backend(spec)
+    try:
+        yield
+    finally:
+        _backend.clear()
+        _backend.update(previous)
 
 
 def backend(name):

@@ -63,10 +63,9 @@ TINY_TEST_MODEL = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", 
 @pytest.fixture
 def force_triton():
     """Run the Triton kernels (the interpreter on CPU) whatever NANOFORGE_KERNELS says; restore it afterwards."""
-    from kernels import set_backend
-    set_backend("triton")
-    yield
-    set_backend(os.environ.get("NANOFORGE_KERNELS", "auto"))
+    from kernels import backend_as
+    with backend_as("triton"):
+        yield
 
 
 def encoding_or_skip(name):
