@@ -5,14 +5,6 @@ model.py — one decoder-only transformer that expresses every nanoforge recipe.
     Block:  x = x + Attention(RMSNorm(x))        causal, grouped-query, RoPE on q and k
             x = x + MLP(RMSNorm(x))               SwiGLU: W2(silu(Wg x) * Wu x)   or plain: W2(silu(W1 x))
 
-The same arithmetic is written with each residual add fused into the norm that follows it (one kernel reads x
-and the branch and writes both x + branch and its norm: kernels/rmsnorm.py's second lesson). So a Block takes
-the residual stream *and the branch still to be added to it*, and hands on the same pair:
-
-    Block(x, branch):  x, h = x + branch, RMSNorm(x + branch)      (add_rmsnorm; the first block has no branch)
-                       x, h = x + Attention(h), RMSNorm(...)         (add_rmsnorm again)
-                       return x, MLP(h)                              (the next block, or the final norm, adds it)
-
 The knobs (GPTConfig) are exactly what differs between the seeds:
   * n_head query heads share n_kv_head key/value heads (GQA): with n_kv_head = 2 and n_head = 10, each K/V head
     serves 5 query heads, so the KV cache is 5x smaller. n_kv_head = n_head is classic multi-head attention.
@@ -38,7 +30,7 @@ import torch.nn.functional as F
 
 from kernels.attention import attention
 from kernels.cross_entropy import linear_cross_entropy
-from kernels.rmsnorm import add_rmsnorm, rmsnorm
+from kernels.rmsnorm import rmsnorm
 from kernels.rope import apply_rope, rope_tables
 from kernels.swiglu import swiglu_packed
 
@@ -94,18 +86,15 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w. No mean subtraction, no bias: cheaper than LayerNorm, as good.
-    Given a branch, the residual add before the norm is fused into it: returns (x + branch, norm(x + branch))."""
+    """y = x / sqrt(mean(x^2) + eps) * w. No mean subtraction, no bias: cheaper than LayerNorm, as good."""
 
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x, branch=None):
-        if branch is None:
-            return rmsnorm(x, self.weight, self.eps)
-        return add_rmsnorm(x, branch, self.weight, self.eps)
+    def forward(self, x):
+        return rmsnorm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -180,9 +169,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm layer. Why it hands on (x, branch) instead of x + branch: the add and the next norm read and
-    write the same rows, so one kernel does both (add_rmsnorm) and the stream is read once instead of twice.
-    The arithmetic is exactly the textbook layer's (tests/test_model.py checks it against the plain loop)."""
+    """One pre-norm layer: each branch reads a normalised copy of the residual stream and adds its output back.
+    (kernels/rmsnorm.py's second lesson fuses such an add into the next norm; the model keeps the textbook form.)"""
 
     def __init__(self, config):
         super().__init__()
@@ -191,15 +179,10 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, branch, rope_cos_sin, cache, layer, doc_mask=None):
-        """(x, branch) -> (x', branch'): the residual stream and the output still to be added to it (None before
-        the first block). x + branch is fused into ln_1, x + attention into ln_2 (see the docstring at the top)."""
-        if branch is None:
-            h = self.ln_1(x)
-        else:
-            x, h = self.ln_1(x, branch)
-        x, h = self.ln_2(x, self.attn(h, rope_cos_sin, cache, layer, doc_mask))
-        return x, self.mlp(h)
+    def forward(self, x, rope_cos_sin, cache, layer, doc_mask=None):
+        x = x + self.attn(self.ln_1(x), rope_cos_sin, cache, layer, doc_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
 
 
 def sinusoidal_table(n_pos, dim):
@@ -298,12 +281,11 @@ class GPT(nn.Module):
                 # sinusoidal, as in "Attention Is All You Need": embeddings scaled by sqrt(d) so the
                 # unit-amplitude sinusoids do not drown the token signal (embeddings are initialised at std 0.02)
                 x = x * math.sqrt(self.config.n_embd) + self.pe[pos].to(x.dtype)
-        branch = None  # each block hands on its MLP output unadded: the next norm fuses the add
         for layer, block in enumerate(self.blocks):
-            x, branch = block(x, branch, rope_cos_sin, cache, layer, doc_mask)
+            x = block(x, rope_cos_sin, cache, layer, doc_mask)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x) if branch is None else self.ln_f(x, branch)[1]  # the last residual add, fused
+        x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
         if targets is None:

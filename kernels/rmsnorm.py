@@ -61,8 +61,9 @@ the formula above) and the residual stream itself (dh, from the layers after):
 so the backward kernel takes dh as one more input and adds it to dx in registers: one pass instead of a
 backward and a separate add. The kernels below are the plain ones with that switched on (HAS_RESIDUAL in the
 forward: h is stored, then normalised as stored, i.e. rounded to its dtype, exactly like the twin; HAS_DH in
-the backward). The forward saves h, not x and branch. model.py's Block uses it for every norm after the first:
-each norm fuses the residual add just before it, and the last block's is folded into the final norm.
+the backward). The forward saves h, not x and branch. A model would use it for every norm after the first (each
+norm fusing the residual add just before it, the last block's folded into the final norm); model.py keeps the
+textbook Block instead, x = x + attn(norm(x)), unless bench/e2e.py shows the fusion paying end to end.
 """
 import functools
 from typing import Optional

@@ -93,11 +93,11 @@ def test_kv_cache_decoding_equals_recomputation(kw):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton,attention=torch"])
-def test_fused_residual_blocks_compute_the_textbook_block(backend):
-    """Block hands its MLP output on unadded, so the next norm can fuse the add (kernels/rmsnorm.py). The
-    logits and gradients must be those of the textbook pre-norm loop x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)),
-    written here with the twins; 'triton' runs the fused kernels (the interpreter on CPU; the small test
-    model's head dim 8 is below the attention kernel's 16)."""
+def test_blocks_compute_the_textbook_block(backend):
+    """The logits and gradients of the model, through whichever kernels the backend picks, must be those of the
+    textbook pre-norm loop x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) written here with the twins; 'triton'
+    runs the Triton kernels (the interpreter on CPU; the small test model's head dim 8 is below the attention
+    kernel's 16)."""
     from kernels import set_backend
     from kernels.rmsnorm import rmsnorm_torch
     model = small(n_layer=3)
