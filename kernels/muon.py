@@ -69,7 +69,7 @@ b·A is the tile being written), so B never costs an extra pass over memory. The
 symmetric; torch.baddbmm does it with a·X fused in (one cuBLAS call). Matrices of one shape are stacked and
 orthogonalised in one batched launch (grid axis 2), which keeps a GPU busy with GPT-2's 768-wide matrices.
 
-`gram_torch` is the twin (torch.baddbmm: the same products without the symmetry), `gram()` the switch
+`gram_torch` is the twin (torch.baddbmm: the same products without the symmetry), `gram_for()` the switch
 (kernels.use_triton("muon", ...)); `newton_schulz` runs either. bf16 inputs accumulate in fp32 (tl.dot), and
 round once to bf16, as cuBLAS does; fp32 inputs use IEEE fp32 dot products (the tests' reference path).
 Triton 3.9's CPU interpreter gets bf16 dot products wrong (as kernels/attention.py notes), so under the
@@ -183,11 +183,12 @@ def gram_torch(x, alpha=1.0, beta=0.0, c=None):
     return torch.baddbmm(c, x, x.mT, beta=beta, alpha=alpha)
 
 
-def gram(x, alpha=1.0, beta=0.0, c=None):
-    """alpha·X Xᵀ + beta·C: the Triton kernel on CUDA (or forced), the twin elsewhere."""
+def gram_for(x):
+    """The switch: gram_triton on CUDA (or forced) for x's dtype, else the twin. Asked once per Newton-Schulz
+    call: every product of its iterations has x's device and dtype."""
     if use_triton("muon", x) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return gram_triton(x, alpha, beta, c)
-    return gram_torch(x, alpha, beta, c)
+        return gram_triton
+    return gram_torch
 
 
 @torch.no_grad()
@@ -203,6 +204,7 @@ def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16):
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # iterate on the wide orientation: A = X Xᵀ is the smaller Gram matrix
+    gram = gram_for(x)
     for _ in range(steps):
         A = gram(x)                          # X Xᵀ                 (symmetric)
         B = gram(A, alpha=c, beta=b, c=A)    # c·A Aᵀ + b·A = b·A + c·A²   (symmetric, since A is)
