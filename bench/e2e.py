@@ -19,12 +19,21 @@ GPU exactly what real ones do; the loss is meaningless here, and nothing else is
 Where a preset does not fit the GPU or the time, --layers runs it with fewer layers (the same widths, so each
 layer costs what it costs in the full model): those rows say so in the `layers` column.
 
-Writes bench/results/e2e.md (a table with the auto/torch and gpt2/nanoGPT ratios) and bench/results/e2e.json:
-{"gpu", "date", "commit", "rows": [{"preset", "kernels", "tok_s", "mfu", "mem_gib", "layers"}]}.
+Each run also profiles its last --profile_steps steps (train.py --profile_steps, bench/step_profile.py): host and
+GPU milliseconds per phase of the step, how busy the GPU was and how often the host waited for it. The timed steps
+come before those, so profiling never slows a number in the table; the profile tables follow it.
+
+Writes bench/results/e2e.md (a table with the auto/torch and gpt2/nanoGPT ratios, then the profiles) and
+bench/results/e2e.json: {"gpu", "date", "commit", "rows": [{"preset", "kernels", "tok_s", "mfu", "mem_gib",
+"layers", "accum", "profile"}]}.
 
     python bench/e2e.py                                    # every preset, auto and torch, 30 steps each
-    python bench/e2e.py --presets gpt2_124m,lille_130m --nanogpt .carry/nanogpt --compile_mode reduce-overhead
-    python bench/e2e.py --layers lrc_1p5b=8,lime_1b=16     # fewer layers where memory or time requires
+    python bench/e2e.py --presets lille_130m,gpt2_124m --nanogpt .carry/nanogpt --max_accum 8
+    python bench/e2e.py --presets lime_1b,lrc_1p5b --layers lime_1b=8,lrc_1p5b=6 --max_accum 2 --results e2e_1b
+    python bench/e2e.py --presets lille_130m --backends auto --compile_mode reduce-overhead --results e2e_graphs
+
+--max_accum caps the micro-batches a step (gpt2_124m's preset takes 32 on one GPU: 8 give the same tokens/s to
+within the optimizer step's share, in a quarter of the time); the `accum` column says what each row ran.
 """
 import argparse
 import datetime

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -58,17 +59,30 @@ class LoopProfiler:
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
                 torch.cuda.synchronize()  # the window starts with an idle GPU: its wall time is its own
+                # every call that makes the host wait for the GPU warns now: the loop should have none but its
+                # log points (log_interval), and each one found names a stall of the pipeline
+                self.warnings = warnings.catch_warnings(record=True)
+                self.caught = self.warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.start()
             self.active, self.t0 = True, time.perf_counter()
         elif step == self.last and self.active:
+            syncs = None
             if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize()
+                self.warnings.__exit__(None, None, None)
+                syncs = sorted({str(w.message).splitlines()[0][:120] for w in self.caught if "synchroniz" in str(w.message)})
+                syncs = {"per_step": sum("synchroniz" in str(w.message) for w in self.caught) / self.steps,
+                         "kinds": syncs}
             wall_ms = (time.perf_counter() - self.t0) * 1e3 / self.steps
             self.prof.stop()
             self.active, trace = False, os.path.join(self.out_dir, "profile_trace.json")
             self.prof.export_chrome_trace(trace)
             result = analyse(json.load(open(trace)), self.steps, wall_ms)
+            result["host_syncs"] = syncs
             write(result, self.out_dir)
             print(table(result), flush=True)
 
@@ -121,8 +135,12 @@ def table(result):
         lines.append(f"| {name} | {d['host_ms']:.2f} | {d['gpu_ms']:.2f} | {d['kernels']:.0f} |")
     wall, busy = result["wall_ms"] or float("nan"), result["busy_ms"]
     lines += ["", f"wall {wall:.1f} ms/step · GPU busy {busy:.1f} ms ({100 * busy / wall:.1f}%) · idle gaps "
-              f"> {IDLE_GAP_US} us: {result['idle_gaps']:.1f}/step (profiled steps: {result['steps']})", "",
-              "| top kernels | GPU ms/step | calls/step |", "|---|---|---|"]
+              f"> {IDLE_GAP_US} us: {result['idle_gaps']:.1f}/step (profiled steps: {result['steps']})"]
+    if result.get("host_syncs"):
+        lines += [f"host waits for the GPU: {result['host_syncs']['per_step']:.1f}/step "
+                  f"({'; '.join(result['host_syncs']['kinds']) or 'none'})"]
+    lines += ["",
+          "| top kernels | GPU ms/step | calls/step |", "|---|---|---|"]
     lines += [f"| `{n}` | {ms:.2f} | {c:.0f} |" for n, ms, c in result["top"]]
     return "\n".join(lines)
 
