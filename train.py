@@ -90,6 +90,7 @@ compile = True                      # torch.compile the model (ignored on CPU: c
 compile_mode = "default"            # 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune-no-cudagraphs'
 kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # 'auto' | 'triton' | 'torch' (+ ',name=choice')
 peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = checkpoint.GPU_PEAK_FLOPS's entry
+profile_steps = 0                   # > 0: profile the run's last N steps, phase by phase (bench/step_profile.py)
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 DEFAULTS = {**{f.name: f.default for f in fields(GPTConfig)}, **script_defaults(globals())}
 # Checked at start, so a bad value fails now and not on the step that first uses it.
@@ -97,7 +98,8 @@ CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
-            "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0}
+            "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0,
+            "profile_steps": 0}
 
 
 def resolve(cfg):
@@ -157,6 +159,11 @@ def first_sample(run, step, micro=0):
     return run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
 
 
+def phase(name):
+    """Marks a part of the step for the profiler (--profile_steps, bench/step_profile.py); nearly free otherwise."""
+    return torch.profiler.record_function("phase:" + name)
+
+
 def hessian_estimator(model, raw_model, data, run):
     """Sophia's curvature sample (Gauss-Newton-Bartlett): the gradient of the loss on labels *sampled from the
     model's own softmax*, squared, estimates the Gauss-Newton diagonal. One micro-batch per process (the step's
@@ -166,15 +173,17 @@ def hessian_estimator(model, raw_model, data, run):
     from kernels.sophia import sampled_label_loss
 
     def estimate(step):
-        first = first_sample(run, step)
-        x, y, starts = data.batch(first + run.rank * run.batch_size, run.batch_size, run.device, run.doc_mask)
-        label_gen = torch.Generator(device=run.device).manual_seed((run.seed * 1_000_003 + step) * run.world + run.rank)
-        with run.autocast:
-            logits, _ = model(x, doc_starts=starts)
-        sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()  # SFT: trained tokens only
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
-        all_y = data.batch(first, run.rows_per_micro, torch.device("cpu"))[1]  # every rank's rows, on the host
-        return int((all_y != -1).sum())
+        with phase("sophia_refresh"):
+            first = first_sample(run, step)
+            x, y, starts = data.batch(first + run.rank * run.batch_size, run.batch_size, run.device, run.doc_mask)
+            seed = (run.seed * 1_000_003 + step) * run.world + run.rank
+            label_gen = torch.Generator(device=run.device).manual_seed(seed)
+            with run.autocast:
+                logits, _ = model(x, doc_starts=starts)
+            sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()  # SFT: trained tokens
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
+            all_y = data.batch(first, run.rows_per_micro, torch.device("cpu"))[1]  # every rank's rows, on the host
+            return int((all_y != -1).sum())
     return estimate
 
 
@@ -295,8 +304,14 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     peak = (run.peak_flops or checkpoint.peak_flops(run.device)) * run.world
     flops_per_token = raw_model.flops_per_token()
     t0, timed = time.time(), 0  # wall-clock since the last log point, and the steps it covers
+    profiler = None
+    if run.profile_steps:  # the run's last steps, once everything is compiled and warm
+        from bench.step_profile import LoopProfiler
+        profiler = LoopProfiler(run.max_iters - run.profile_steps, run.profile_steps, run.out_dir, run.device)
     try:
         while True:
+            if profiler and run.master:
+                profiler.at_step(step)
             last_step = step == run.max_iters or stopping  # the end, or a signal: evaluate, save, leave
             # ---- evaluate + checkpoint (a resumed run's first step was evaluated before it was saved) ----
             if (step % run.eval_interval == 0 or last_step) and not (step == run.start_step and run.resumed):
@@ -322,28 +337,32 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
             loss_sum = torch.zeros((), device=run.device)  # summed on the device, read at log points only
             for micro in range(run.grad_accum):
                 run.new_graph_step()  # reduce-overhead: the next CUDA-graph replay may reuse the last outputs
-                first = first_sample(run, step, micro)
-                x, y, starts = train_data.batch(first + run.rank * run.batch_size, run.batch_size, run.device,
-                                                run.doc_mask)
+                with phase("data"):
+                    first = first_sample(run, step, micro) + run.rank * run.batch_size
+                    x, y, starts = train_data.batch(first, run.batch_size, run.device, run.doc_mask)
                 # DDP all-reduces gradients during backward; only the last micro-step needs it
-                with model.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
+                with phase("forward_backward"), \
+                        model.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
                     with run.autocast:
                         _, loss = model(x, y, doc_starts=starts)
                     (loss / run.grad_accum).backward()
-                loss_sum += loss.detach()  # detached: the log must not keep the graph alive
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
-            ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
-            first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
-            optimizer.step()  # Sophia refreshes its Hessian inside, when due (kernels/sophia.py)
-            optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
+                    loss_sum += loss.detach()  # detached: the log must not keep the graph alive
+            with phase("clip"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
+                ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
+                first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
+            with phase("optimizer"):
+                optimizer.step()  # Sophia refreshes its Hessian inside, when due (kernels/sophia.py)
+                optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes, not adds
             step, timed = step + 1, timed + 1
             if step % run.log_interval == 0 or step == 1 or step == run.max_iters:  # the host looks, and syncs
-                if run.ddp:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                check_finite(run, step, first_bad)
-                dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
-                log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
-                         peak, flops_per_token)
+                with phase("log"):
+                    if run.ddp:
+                        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                    check_finite(run, step, first_bad)
+                    dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
+                    log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
+                             peak, flops_per_token)
                 if run.ddp:  # every rank must agree to stop, or the others hang in the next all-reduce
                     flag = torch.tensor(float(bool(received)), device=run.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -352,6 +371,8 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        if profiler:
+            profiler.at_step(run.max_iters)  # the window ends with the run (also when it ends early)
     if stopping:
         signum = received[0] if received else signal.SIGTERM  # under DDP another rank may have got it
         log(run, f"stopped by signal {signum} at step {step}; " + (f"checkpoint written to {run.out_dir}/ckpt.pt; "
