@@ -25,7 +25,8 @@ import torch
 
 from chat_format import FORMATS, ChatFormat, get_encoding
 from generation import GenerationConfig, beam_search, stream
-from checkpoint import load_model, pick_device, pick_dtype
+from checkpoint import load_model
+from device import pick_device, pick_dtype
 
 
 class PromptTooLong(ValueError):

@@ -1,5 +1,5 @@
 """
-checkpoint.py — the one place that finds, opens and writes checkpoints, and picks the device and precision.
+checkpoint.py — the one place that finds, opens and writes checkpoints.
 
 Every script that reads a trained model (train.py's resume and init_from, sft.py, chat.py, eval.py, export.py,
 bench/sophia_study.py) goes through here, so every one of them gets the same three guarantees:
@@ -23,7 +23,6 @@ is read by hf.py instead: safetensors holds tensors only, no code at all.
 import errno
 import os
 import pickle
-from contextlib import nullcontext
 
 import torch
 
@@ -79,11 +78,7 @@ def load_model(path, device="cpu"):
     """(GPT in eval mode on `device`, the run's config dict) from a run folder, a .pt file, `hf:<folder>` or an
     exported Hugging Face folder. The config carries what the weights need around them: tokenizer, chat format."""
     if is_hf_folder(path):
-        try:
-            import hf  # the interop chapter: safetensors + config.json -> GPT
-        except ImportError:
-            raise ValueError(f"{path} is a Hugging Face folder, and reading one needs hf.py, which this checkout "
-                             f"does not have") from None
+        import hf  # the interop chapter: safetensors + config.json -> GPT
         model, config = hf.load_hf_model(path[len(HF_PREFIX):] if path.startswith(HF_PREFIX) else path, device)
         return model.eval(), config
     from model import GPT, GPTConfig
@@ -142,132 +137,6 @@ def save_json(path, obj, indent=None):
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=indent)
     save(path, obj, writer=write)
-
-
-def lock_run_folder(out_dir):
-    """An exclusive lock on <out_dir>/.lock for as long as the returned file stays open: a second run in the same
-    folder (it would interleave metrics.jsonl and fight over ckpt.pt) gets a clear error instead."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock, as before
-        return None
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise ValueError(f"{out_dir} is in use by another run (pid {holder}): wait for it to end, or choose "
-                         f"another out_dir") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-# ---- device and precision: one decision for every script -----------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name="auto", local_rank=0):
-    """'auto' (the GPU if there is one) | 'cpu' | 'cuda' | 'cuda:N'. Asking for a GPU that is not there is an
-    error, never a silent CPU run."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and name.split(":")[0] != "cuda":
-        raise ValueError(f"device='{name}': expected auto, cpu, cuda or cuda:N")
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device='{name}' but no CUDA GPU is available here: use --device=cpu (or auto)")
-    return torch.device(name if ":" in name else f"cuda:{local_rank}")
-
-
-def pick_dtype(name, device, allowed=tuple(DTYPES), key="dtype"):
-    """'auto' -> bfloat16 on a GPU that has it, else float32; otherwise one of `allowed`, or an error naming
-    `key`. Training does not allow float16: it needs a loss scaler against underflowing gradients."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    if name == "float16" and "float16" not in allowed:
-        raise ValueError(f"{key}='float16': training in fp16 needs a gradient scaler, which nanoforge does not "
-                         f"have; use bfloat16 (same speed on GPUs that have it) or float32")
-    if name not in allowed:
-        raise ValueError(f"{key}='{name}': expected auto, {', '.join(allowed)}")
-    return DTYPES[name]
-
-
-# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets: MFU divides by these.
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
-                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-def peak_flops(device):
-    """The device's dense bf16 peak in FLOP/s, 0.0 where unknown (the CPU, an unlisted GPU: MFU is then nan)."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
-
-
-def autocast(device, dtype):
-    """Mixed precision for the forward pass: matmuls in `dtype`, reductions and the master weights in fp32."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
-# ---- the rest of a run folder: metrics.jsonl, run_config.json, loss.png --------------------------------------
-def open_metrics(out_dir, resume_step, config):
-    """metrics.jsonl (one JSON line per logged step) ready for appending, and run_config.json (the resolved
-    settings, readable without loading a checkpoint). A resumed run (resume_step given) keeps the lines up to its
-    step; a line torn by a kill mid-write (the last one) is dropped with a notice, any other bad line is an error
-    naming it: resuming must not depend on a log, nor silently lose one."""
-    import json
-    path, kept = os.path.join(out_dir, "metrics.jsonl"), []
-    if resume_step is not None and os.path.exists(path):
-        lines = open(path).read().splitlines()
-        for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    print(f"{path}: dropping the torn last line (line {i + 1}), cut off when the run was killed")
-                    break
-                raise ValueError(f"{path}:{i + 1} is not valid JSON: fix or delete that line") from None
-            kept += [line + "\n"] if row["step"] <= resume_step else []
-    with open(path, "w") as f:
-        f.writelines(kept)
-    with open(os.path.join(out_dir, "run_config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    return path
-
-
-def plot_losses(out_dir):
-    """loss.png beside metrics.jsonl: the train loss per logged step and the validation points."""
-    import json
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path) or not os.path.getsize(path):
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = []
-    for line in open(path):
-        try:  # a damaged line is reported by open_metrics; the plot just skips it
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("loss", "-"), ("val_loss", "o-")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), style, label="train" if key == "loss" else "val", lw=1, ms=3)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=os.path.basename(os.path.abspath(out_dir)))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
 
 
 def restore_training_state(ckpt, optimizer, device):

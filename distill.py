@@ -69,6 +69,7 @@ from torch.func import functional_call
 
 import checkpoint
 from configurator import configure, script_defaults
+from device import pick_device
 from kernels.rope import rope_tables
 from model import GPT, GPTConfig, sinusoidal_table
 from train import DEFAULTS as TRAIN_DEFAULTS, leave
@@ -330,7 +331,7 @@ def same_tokenizer(a, b):
     return a == b or (os.path.isfile(a) and os.path.isfile(b) and filecmp.cmp(a, b, shallow=False))
 
 
-def resolve(cfg, teacher_config, teacher_run):
+def student_from_teacher(cfg, teacher_config, teacher_run):
     """Fill cfg's student shape and tokenizer from the teacher, checking what LRC cannot change. Returns the
     student's GPTConfig; cfg then carries its fields (train.py builds and checkpoints from them)."""
     config = student_config(teacher_config, **{k: cfg[k] for k in CLONED + ("n_embd", "block_size", "norm_eps")})
@@ -347,7 +348,7 @@ def resolve(cfg, teacher_config, teacher_run):
         if not same_tokenizer(meta.get("tokenizer", t_tok), t_tok):
             raise ValueError(f"{meta_path}: the shards were tokenized with '{meta['tokenizer']}' but the teacher "
                              f"uses '{t_tok}'")
-        cfg["tokenizer"] = meta.get("tokenizer", t_tok)  # the same tokenizer, named as the shards name it (resolve)
+        cfg["tokenizer"] = meta.get("tokenizer", t_tok)  # the same tokenizer, named as the shards name it (train.resolve)
     if cfg["init_from"] not in ("scratch", "resume"):
         raise ValueError(f"init_from='{cfg['init_from']}': distill.py starts from the teacher ('scratch') or "
                          f"continues its own run ('resume'); the teacher is set by --teacher")
@@ -365,8 +366,8 @@ def run_training(cfg, model):
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     teacher_model, teacher_run = load_teacher(cfg["teacher"])
-    config = resolve(cfg, teacher_model.config, teacher_run)
-    want_cuda = checkpoint.pick_device(cfg["device"]).type == "cuda"
+    config = student_from_teacher(cfg, teacher_model.config, teacher_run)
+    want_cuda = pick_device(cfg["device"]).type == "cuda"
     # the teacher only runs forward: on a GPU bf16 halves its memory (autocast would round it anyway)
     teacher_model = teacher_model.to(torch.bfloat16 if want_cuda else torch.float32)
     model = LRCStudent(teacher_model, config, cfg["clone_weight"], cfg["kl_temperature"], cfg["free_student"],

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+from device import autocast as device_autocast, pick_device, pick_dtype
 
 from eval_tasks import (DEFAULT_DATA_ROOT, LRC_COLUMNS, LRC_REFERENCE, SUITES, TASKS, load_items, read_rows,
                         resolve_tasks)
@@ -118,7 +119,7 @@ def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, 
     n = len(seqs)
     logprob, greedy = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
     order = sorted(range(n), key=lambda i: -len(seqs[i][0]))   # longest first: little padding, OOM shows early
-    autocast = checkpoint.autocast(device, checkpoint.pick_dtype("auto", device))  # bf16 on a GPU that has it
+    autocast = device_autocast(device, pick_dtype("auto", device))  # bf16 on a GPU that has it
     bar = progress_bar(n, desc, progress)
     i = 0
     while i < n:
@@ -167,7 +168,7 @@ def greedy_generate(model, prompts, max_new_tokens, block_size, n_vocab, device,
     prompts = [list(p[-keep:]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
-    autocast = checkpoint.autocast(device, checkpoint.pick_dtype("auto", device))  # bf16 on a GPU that has it
+    autocast = device_autocast(device, pick_dtype("auto", device))  # bf16 on a GPU that has it
     bar = progress_bar(len(prompts), desc, progress)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
@@ -480,7 +481,7 @@ def read_results(path):
 def evaluate_checkpoint(ckpt, args, tasks, bpb):
     """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
     from tokenizer import get_encoding  # the one loader: tiktoken names (offline too), our BPE files, tokenizer.json
-    device = checkpoint.pick_device(args.device)
+    device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
     hf_folder = checkpoint.is_hf_folder(ckpt)

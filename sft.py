@@ -13,7 +13,7 @@ train.py's loader turns mask 0 into target -1, and the cross entropy ignores -1:
 
 What differs from pretraining is only the defaults below: a small learning rate (the weights are already good;
 a pretraining-sized step would wash out what they know), a few epochs over a small set, a warmup given as a
-fraction of the run, no weight decay. The checks are train.py's own resolution (configurator.resolve), which
+fraction of the run, no weight decay. The checks are train.py's own resolution (train.resolve), which
 already knows SFT data by its meta.json: the shards were rendered with the checkpoint's tokenizer, the model's
 (padded) vocabulary holds the format's special tokens, and with --layout pad the windows match the model's
 context. Only two rules are SFT's alone (prepare() below). The format is stored in the checkpoint's config as
@@ -26,7 +26,8 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: a quiet exit, no trace
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import os
 
-from configurator import ConfigError, read_meta, script_defaults
+from configurator import ConfigError, script_defaults
+from shards import read_meta
 from train import DEFAULTS as TRAIN_DEFAULTS
 from train import main
 

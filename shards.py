@@ -18,6 +18,7 @@ Readers memory-map the body, so a 10-billion-token dataset costs no RAM until it
 TokenWindows, at the bottom, is how train.py reads a dataset: fixed windows, shuffled by a seeded permutation.
 """
 import glob
+import json
 import os
 
 import numpy as np
@@ -131,6 +132,32 @@ def list_shards(data_dir, split):
     if not paths:
         raise ShardError(f"{data_dir}: no {split}_*.bin shards")
     return paths
+
+
+def read_meta(data_dir):
+    """The data folder's meta.json: written last by prepare_fineweb.py / prepare_sft.py, so it also says the
+    folder is complete (a crash mid-prepare leaves shards and no meta.json)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data folder not found: {data_dir} (make it with prepare_fineweb.py)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the folder is incomplete (prepare_fineweb.py / prepare_sft.py "
+                                f"write it last; an interrupted prepare leaves none): run the prepare step again")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_headers(data_dir, meta, block_size):
+    """Every shard's header against meta.json (shards of two runs mixed are refused). Returns the number of
+    training windows of block_size (n_windows below)."""
+    train_windows = 0
+    for path in list_shards(data_dir, "val") + list_shards(data_dir, "train"):
+        head = read_header(path)
+        if head["vocab_size"] and (head["vocab_size"], head["eot"]) != (meta["vocab_size"], meta["eot"]):
+            raise ShardError(f"{path}: header says vocabulary {head['vocab_size']} / end-of-text {head['eot']}, "
+                             f"meta.json says {meta['vocab_size']} / {meta['eot']}: shards from different runs")
+        train_windows += n_windows(head["n_tokens"], block_size) if "train_" in os.path.basename(path) else 0
+    return train_windows
 
 
 # ---- reading them for training ------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ train.py — pretraining, top to bottom: one CPU, one GPU, or N GPUs under torch
     python train.py config/gpt2_124m.py                             # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --batch_size=32
 
-Read it in three parts. (1) The hyperparameters, below, as globals (nanoGPT style). (2) The run, resolved once
-by configurator.resolve: defaults, then the preset, then --key=value flags, then the data folder's meta.json
-(tokenizer, vocabulary), then the init/resume checkpoint's architecture, checked against each other before
-anything is allocated; a mistake is one line naming the key. The rest reads `run.<key>`. (3) The loop, one
-optimizer step per turn, in execution order:
+Read it in three parts. (1) The hyperparameters, below, as globals (nanoGPT style; configurator.py applies the
+preset and the --key=value flags). (2) The run, resolved once by resolve(): the settings, then the facts of the
+data folder (meta.json: tokenizer, vocabulary) and of the init/resume checkpoint (the architecture), checked
+against each other before anything is allocated; a mistake is one line naming the key. The rest reads
+`run.<key>`. (3) train() allocates and loop() runs, one optimizer step per turn, in execution order:
 
     evaluate + checkpoint   (at the top, every eval_interval steps and on the last step, nanochat-style)
     for each of `grad_accum` micro-batches:  forward (bf16 autocast) -> loss / grad_accum -> backward
@@ -30,16 +30,20 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import fields
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-import configurator
-from configurator import configure, script_defaults
+import kernels
+import prepare_fineweb
+from configurator import ConfigError, check_values, configure, script_defaults
+from device import autocast, pick_device, pick_dtype
+from device import peak_flops as device_peak_flops  # (the name peak_flops is the setting below)
 from model import GPT, GPTConfig, weight_decayed
-from shards import TokenWindows  # the data: fixed windows of the shards, a pure function of (seed, sample)
+from shards import TokenWindows, check_headers, read_meta  # TokenWindows: the data, a function of (seed, sample)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters. Defaults describe gpt2_124m; presets in config/ and --key=value flags override them.
@@ -89,7 +93,7 @@ dtype = "auto"                      # 'auto' (bf16 autocast on a GPU that has it
 compile = True                      # torch.compile the model (ignored on CPU: compile time would dominate)
 compile_mode = "default"            # 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune-no-cudagraphs'
 kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # 'auto' | 'triton' | 'torch' (+ ',name=choice')
-peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = checkpoint.GPU_PEAK_FLOPS's entry
+peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = device.GPU_PEAK_FLOPS's entry
 profile_steps = 0                   # > 0: profile the run's last N steps, phase by phase (bench/step_profile.py)
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 DEFAULTS = {**{f.name: f.default for f in fields(GPTConfig)}, **script_defaults(globals())}
@@ -102,9 +106,118 @@ AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 
             "profile_steps": 0}
 
 
+# ---- the run: the settings, then the facts of the data and of the checkpoint -----------------------------------
 def resolve(cfg):
-    """configure()'s dict -> the run, checked against this script's defaults and rules (configurator.resolve)."""
-    return configurator.resolve(cfg, DEFAULTS, MODEL_KEYS, CHOICES, AT_LEAST)
+    """configure()'s dict -> the run, read as run.<key>. Lowest first: the defaults above -> the preset -> --key=value
+    -> the data's meta.json -> the init/resume checkpoint's architecture. The last two are facts, not preferences: a
+    setting that contradicts them is an error naming both sides. Also picks the device, precision and kernels."""
+    check_values(cfg, CHOICES, AT_LEAST)
+    given = {k for k in cfg if cfg[k] != DEFAULTS.get(k)}  # set by a preset or a flag
+    run = SimpleNamespace(**cfg, config=dict(cfg), ckpt=None, ckpt_path=None)
+    kernels.set_backend(run.kernels_backend)
+    run.world, run.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    run.ddp, run.master = run.world > 1, run.rank == 0
+    run.device = pick_device(run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    run.autocast = autocast(run.device, pick_dtype(run.dtype, run.device, allowed=("float32", "bfloat16")))
+    if not os.path.isdir(run.data_dir):
+        prepare_fineweb.ensure_sample(run.data_dir)  # a fresh clone: the quick start's data, from assets/
+    meta = read_meta(run.data_dir)
+    data_vocab = meta.get("n_vocab", meta["vocab_size"])  # the tokenizer's; an SFT header may add a pad slot
+    for key, want in (("tokenizer", meta["tokenizer"]), ("vocab_size", data_vocab)):
+        if key in given and cfg[key] != want:
+            raise ConfigError(f"{key}={cfg[key]!r}, but {run.data_dir}/meta.json says its shards have {key} "
+                              f"{want!r}: drop the setting (the data's is used) or point data_dir elsewhere")
+    run.tokenizer, run.model = meta["tokenizer"], {**{k: cfg[k] for k in MODEL_KEYS}, "vocab_size": data_vocab}
+    if run.init_from != "scratch":
+        run.ckpt_path = checkpoint.find(run.out_dir if run.init_from == "resume" else run.init_from)
+        run.ckpt = checkpoint.load(run.ckpt_path)
+        adopt_architecture(run, run.ckpt["config"], given)
+    run.__dict__.update(run.model)
+    run.train_windows = check_headers(run.data_dir, meta, run.block_size)
+    check_model_fits_data(run, meta, GPTConfig(**run.model))
+    if run.init_from != "resume" and not run.overwrite and run.master and any(
+            os.path.exists(os.path.join(run.out_dir, f)) for f in ("ckpt.pt", "best.pt", "metrics.jsonl")):
+        raise ConfigError(f"{run.out_dir} already holds a run: continue it with --init_from=resume, or choose "
+                          f"another --out_dir (or pass --overwrite=True to replace it)")
+    resolve_batch(run)
+    run.config.update(run.model, tokenizer=run.tokenizer, max_iters=run.max_iters, warmup_iters=run.warmup_iters,
+                      **({"chat_format": run.chat_format} if hasattr(run, "chat_format") else {}))
+    return run
+
+
+def adopt_architecture(run, saved, given):
+    """A resumed (or fine-tuned) run keeps its checkpoint's architecture and tokenizer: a flag or preset that says
+    otherwise is named, not silently ignored. `given`: the keys set away from their defaults."""
+    keys = MODEL_KEYS + (["seed"] if run.init_from == "resume" else [])
+    differ = [f"{k}={run.config[k]!r} (checkpoint: {saved[k]!r})" for k in keys if k in given and k in saved
+              and saved[k] != run.config[k] and not (k == "head_dim" and run.config[k] == 0)]
+    if differ:
+        raise ValueError(f"{run.ckpt_path} was trained with another setup than this run asks for: "
+                         f"{', '.join(differ)}. Drop those overrides, or start a fresh run in another out_dir")
+    if saved.get("tokenizer") and saved["tokenizer"] != run.tokenizer:
+        raise ValueError(f"tokenizer mismatch: the checkpoint {run.ckpt_path} was trained with "
+                         f"'{saved['tokenizer']}' but {run.data_dir} was tokenized with '{run.tokenizer}'")
+    run.model = {k: saved[k] for k in MODEL_KEYS if k in saved}
+
+
+def check_model_fits_data(run, meta, model_cfg):
+    """The data's token ids fit the model's vocabulary rows; SFT data (meta kind 'sft': a chat format, maybe
+    conversations padded to one window each) fits the model that will train on it."""
+    if meta["vocab_size"] > model_cfg.padded_vocab_size:
+        raise ValueError(f"{run.data_dir} uses ids up to {meta['vocab_size'] - 1}, beyond the model's "
+                         f"{model_cfg.padded_vocab_size} vocabulary rows")
+    if meta.get("kind") != "sft":
+        return
+    from chat_format import ChatFormat
+    from tokenizer import get_encoding
+    if getattr(run, "chat_format", "") and run.chat_format != meta["format"]:
+        raise ValueError(f"chat_format='{run.chat_format}' but {run.data_dir} was rendered as "
+                         f"'{meta['format']}': prepare the data again or drop the override")
+    run.chat_format = meta["format"]
+    ChatFormat(meta["format"], get_encoding(meta["tokenizer"])).check_model(
+        model_cfg.vocab_size, model_cfg.padded_vocab_size, where=f"checkpoint {run.init_from}")
+    if meta.get("layout") == "pad" and meta["block_size"] != run.block_size:
+        raise ValueError(f"{run.data_dir} pads conversations to {meta['block_size']} tokens but the model's "
+                         f"context is {run.block_size}: prepare again with --block_size {run.block_size}")
+
+
+def resolve_batch(run):
+    """The batch arithmetic, the run's length and where its data stands (the loop reads these)."""
+    if run.compile_mode == "reduce-overhead" and run.ddp:  # CUDA graphs cannot hold DDP's all-reduce hooks
+        raise ConfigError("compile_mode='reduce-overhead' (CUDA graphs) does not work under DDP here: use "
+                          "'default' or 'max-autotune-no-cudagraphs' with torchrun")
+    graphs = run.compile and run.compile_mode == "reduce-overhead" and run.device.type == "cuda"
+    run.new_graph_step = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
+    run.rows_per_micro = run.batch_size * run.world  # tokens per step = batch_size * block_size * world * accum
+    per_micro = run.rows_per_micro * run.block_size
+    run.grad_accum = run.gradient_accumulation_steps or max(1, run.total_batch_tokens // per_micro)
+    if not run.gradient_accumulation_steps and run.grad_accum * per_micro != run.total_batch_tokens:
+        raise ConfigError(f"total_batch_tokens={run.total_batch_tokens} is not a multiple of batch_size * "
+                          f"block_size * world_size = {per_micro}; adjust one of them")
+    run.tokens_per_step = run.grad_accum * per_micro
+    if run.epochs > 0:
+        run.max_iters = max(1, int(run.epochs * run.train_windows * run.block_size / run.tokens_per_step))
+    if run.max_iters < 1:
+        raise ConfigError(f"max_iters={run.max_iters}: must be >= 1 (or set epochs > 0)")
+    if run.profile_steps >= run.max_iters:
+        raise ConfigError(f"profile_steps={run.profile_steps} must be < max_iters={run.max_iters}: the profile "
+                          f"records the run's last steps, after compilation and warm-up")
+    if run.warmup_frac > 0:
+        run.warmup_iters = int(run.warmup_frac * run.max_iters)
+    run.start_step, run.data_offset, run.resumed, run.ckpt_best_val = 0, 0, run.init_from == "resume", float("inf")
+    if run.resumed:  # continue at the saved sample, also under another batch size: no window twice or skipped
+        if "optimizer" not in run.ckpt:
+            raise ConfigError(f"{run.ckpt_path} holds weights only (a best.pt?): start a run from it with "
+                              f"--init_from={run.ckpt_path} instead of resuming")
+        run.start_step, run.ckpt_best_val = run.ckpt["step"], run.ckpt["best_val_loss"]
+        run.data_offset = run.ckpt["data"]["next_sample"] - first_sample(run, run.start_step)  # first_sample^-1
+
+
+def first_sample(run, step, micro=0):
+    """The index of the first window of a micro-step, counted over all ranks: the run's data order is this one
+    formula, so a resumed run (data_offset) and Sophia's estimator (the step's first micro-batch) read the same
+    windows as an uninterrupted run. checkpoint 'next_sample' is first_sample(run, step) at the saved step."""
+    return run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,10 +252,7 @@ def make_optimizer(model, run, estimator=None):
         opt = SophiaG(groups, lr=run.learning_rate, betas=betas, rho=run.sophia_rho,
                       hess_interval=run.hess_interval, estimator=estimator)
     elif run.optimizer == "muon":
-        try:
-            from kernels.muon import Muon
-        except ImportError:
-            raise ValueError("optimizer='muon' needs kernels/muon.py, which this checkout does not have") from None
+        from kernels.muon import Muon
         opt = Muon(model, lr=run.muon_lr, adamw_lr=run.learning_rate, momentum=run.muon_momentum, betas=betas,
                    weight_decay=run.weight_decay)
     else:
@@ -150,13 +260,6 @@ def make_optimizer(model, run, estimator=None):
     for group in opt.param_groups:  # the schedule multiplies this; set once, here
         group["base_lr"] = group["lr"]
     return opt
-
-
-def first_sample(run, step, micro=0):
-    """The index of the first window of a micro-step, counted over all ranks: the run's data order is this one
-    formula, so a resumed run (data_offset) and Sophia's estimator (the step's first micro-batch) read the same
-    windows as an uninterrupted run. checkpoint 'next_sample' is first_sample(run, step) at the saved step."""
-    return run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
 
 
 def phase(name):
@@ -210,7 +313,7 @@ def bytes_per_token(data, run):
     """For bits per byte = nats/token / ln 2 / (bytes per token of exactly the validation targets), which compares
     models with different tokenizers fairly. None where the tokenizer cannot be loaded (offline)."""
     try:
-        from chat_format import get_encoding
+        from tokenizer import get_encoding
         enc = get_encoding(run.tokenizer)
         ys = data.batch(0, run.eval_iters * run.batch_size, torch.device("cpu"))[1].flatten().tolist()
         ids = [t for t in ys if 0 <= t < enc.n_vocab]
@@ -220,7 +323,7 @@ def bytes_per_token(data, run):
         return None
 
 
-def check_finite(run, step, first_bad, raw_model=None):
+def check_finite(last_good, step, first_bad, raw_model=None):
     """The NaN guard, acted on where the host looks anyway (log points) and before every save: first_bad is the
     first step whose loss or gradient norm was not finite (-1: none), kept on the device; with raw_model, the
     weights are checked too (a finite gradient can still overflow them). Nothing non-finite is ever saved, so
@@ -228,10 +331,72 @@ def check_finite(run, step, first_bad, raw_model=None):
     bad = int(first_bad)
     if bad >= 0 or (raw_model is not None and not all(p.isfinite().all() for p in raw_model.parameters())):
         what = f"loss or gradient norm at step {bad + 1}" if bad >= 0 else f"weights at step {step}"
-        where = f"the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]}, finite)" \
-            if run.last_good else "there is no checkpoint of this run yet"
+        where = f"the last good checkpoint is {last_good[0]} (step {last_good[1]}, finite)" \
+            if last_good else "there is no checkpoint of this run yet"
         raise FloatingPointError(f"non-finite {what}: stopping without saving; {where}. Lower learning_rate, "
                                  f"raise warmup_iters, or check the data.")
+
+
+# ---- the run folder: one run at a time, its settings, its log and its loss curve ------------------------------------
+def lock_run_folder(out_dir):
+    """An exclusive lock on out_dir while the returned file stays open: a second run there (it would interleave
+    metrics.jsonl and fight over ckpt.pt) gets a clear error instead."""
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        import fcntl  # POSIX
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no lock
+        pass
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"{out_dir} is in use by another run (pid {holder}): wait for it to end, or choose "
+                         f"another out_dir") from None
+    lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
+    return lock
+
+
+def open_run_folder(run):
+    """Lock out_dir, write run_config.json (the resolved settings) and ready metrics.jsonl: a resumed run keeps
+    the lines up to its step; a line torn by a kill mid-write (the last) is dropped with a notice, any other bad
+    line is an error naming it. Resuming must not depend on a log, nor silently lose one. Returns the lock."""
+    os.makedirs(run.out_dir, exist_ok=True)
+    lock = lock_run_folder(run.out_dir)
+    path, kept = os.path.join(run.out_dir, "metrics.jsonl"), []
+    lines = open(path).read().splitlines() if run.resumed and os.path.exists(path) else []
+    for i, line in enumerate(lines):
+        try:
+            kept += [line + "\n"] if json.loads(line)["step"] <= run.start_step else []
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1} is not valid JSON: fix or delete that line") from None
+            print(f"{path}: dropping the torn last line (line {i + 1}), cut off when the run was killed")
+    with open(path, "w") as f:
+        f.writelines(kept)
+    with open(os.path.join(run.out_dir, "run_config.json"), "w") as f:
+        json.dump(run.config, f, indent=1)
+    return lock
+
+
+def plot_losses(out_dir):
+    """loss.png beside metrics.jsonl: the train loss per logged step and the validation points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(out_dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path) if line.endswith("}\n")] if os.path.exists(path) else []
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "val")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1, ms=3)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=os.path.basename(os.path.abspath(out_dir)))
+    ax.grid(alpha=0.3), ax.legend(), fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,8 +411,7 @@ def train(cfg, model=None):
     if run.device.type == "cuda":
         torch.cuda.set_device(run.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(run.out_dir, exist_ok=True)
-    lock = checkpoint.lock_run_folder(run.out_dir) if run.master else None  # one run per folder
+    lock = open_run_folder(run) if run.master else None  # one run per folder
     try:
         torch.manual_seed(run.seed)  # the same initial weights on every rank and in every rerun
         want = GPTConfig(**run.model)
@@ -265,25 +429,21 @@ def train(cfg, model=None):
         train_data = TokenWindows(run.data_dir, "train", run.block_size, rows, run.seed, shuffle=True)
         val_data = TokenWindows(run.data_dir, "val", run.block_size, rows, run.seed, shuffle=False)
         optimizer = make_optimizer(raw_model, run, hessian_estimator(model, raw_model, train_data, run))
-        run.best_val, run.last_good, run.metrics, run.bytes_per_token = float("inf"), None, None, None
         if run.resumed:
             checkpoint.restore_training_state(run.ckpt, optimizer, run.device)
-            run.best_val, run.last_good = run.ckpt["best_val_loss"], (run.ckpt_path, run.start_step)
         if run.master:
             print(f"{'resumed' if run.resumed else 'initialised'} from {run.ckpt_path} (step {run.ckpt['step']}); "
                   if run.ckpt else "", end="")
             print(f"{run.world} process(es) on {run.device}, micro-batch {run.batch_size} x {run.block_size}, "
                   f"grad_accum {run.grad_accum}: {run.tokens_per_step:,} tokens/step, {run.max_iters} steps; "
                   f"{raw_model.num_params():,} parameters, {raw_model.flops_per_token() / 1e9:.3f} GFLOP/token")
-            run.metrics = checkpoint.open_metrics(run.out_dir, run.start_step if run.resumed else None, run.config)
-            run.bytes_per_token = bytes_per_token(val_data, run)
         run.ckpt = None  # the weights live in the model now: free the CPU copy
         stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
         if run.ddp:  # the ranks reach teardown together (rank 0 may still be saving)
             dist.barrier()
     finally:
         if run.master:
-            checkpoint.plot_losses(run.out_dir)
+            plot_losses(run.out_dir)
         if run.ddp and dist.is_initialized():
             dist.destroy_process_group()
         if lock is not None:
@@ -301,7 +461,9 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     step, stopping, received = run.start_step, False, []
     handlers = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # see check_finite
-    peak = (run.peak_flops or checkpoint.peak_flops(run.device)) * run.world
+    best_val, last_good = run.ckpt_best_val, (run.ckpt_path, step) if run.resumed else None  # a finite checkpoint
+    bpt = bytes_per_token(val_data, run) if run.master else None
+    peak = (run.peak_flops or device_peak_flops(run.device)) * run.world
     flops_per_token = raw_model.flops_per_token()
     t0, timed = time.time(), 0  # wall-clock since the last log point, and the steps it covers
     profiler = None
@@ -315,18 +477,18 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
             last_step = step == run.max_iters or stopping  # the end, or a signal: evaluate, save, leave
             # ---- evaluate + checkpoint (a resumed run's first step was evaluated before it was saved) ----
             if (step % run.eval_interval == 0 or last_step) and not (step == run.start_step and run.resumed):
-                check_finite(run, step, first_bad)
+                check_finite(last_good, step, first_bad)
                 val = evaluate(model.module if run.ddp else model, val_data, run)  # no DDP hooks in evaluation
-                bpb = val / math.log(2) / run.bytes_per_token if run.bytes_per_token else float("nan")
+                bpb = val / math.log(2) / bpt if bpt else float("nan")
                 log(run, f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}",
                     {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step * run.tokens_per_step})
                 if run.master and run.save_checkpoints and step > run.start_step:
-                    check_finite(run, step, first_bad, raw_model)
-                    run.best_val = min(run.best_val, val)
+                    check_finite(last_good, step, first_bad, raw_model)
+                    best_val = min(best_val, val)
                     next_sample = first_sample(run, step)
-                    path = checkpoint.save_run(run.out_dir, raw_model, optimizer, step, run.best_val, run.config,
-                                               next_sample, run.device, best=val <= run.best_val)
-                    run.last_good = (path, step)
+                    path = checkpoint.save_run(run.out_dir, raw_model, optimizer, step, best_val, run.config,
+                                               next_sample, run.device, best=val <= best_val)
+                    last_good = (path, step)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
@@ -359,7 +521,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 with phase("log"):
                     if run.ddp:
                         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                    check_finite(run, step, first_bad)
+                    check_finite(last_good, step, first_bad)
                     dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
                     log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
                              peak, flops_per_token)
@@ -386,7 +548,7 @@ def log(run, text, row=None):
     if run.master:
         print(text)
         if row is not None:
-            with open(run.metrics, "a") as f:
+            with open(os.path.join(run.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({**row, "time": time.time()}) + "\n")
 
 

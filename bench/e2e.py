@@ -189,7 +189,7 @@ def time_nanogpt(path, batch_size, args):
     ms, mfu_a100 = map(float, found[-1])
     row["tok_s"] = batch_size * 1024 / (ms / 1000)
     import torch
-    from checkpoint import peak_flops
+    from device import peak_flops
     peak = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else 0.0  # what our runs divide by
     row["mfu"] = mfu_a100 / 100 * 312e12 / peak if peak else None
     print(f"   -> {row}", flush=True)
