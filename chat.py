@@ -23,10 +23,11 @@ import sys
 
 import torch
 
-from chat_format import FORMATS, ChatFormat, get_encoding
+from chat_format import FORMATS, ChatFormat
 from generation import GenerationConfig, beam_search, stream
 from checkpoint import load_model
 from device import pick_device, pick_dtype
+from tokenizer import get_encoding
 
 
 class PromptTooLong(ValueError):

@@ -65,13 +65,6 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
 PARCHMENT_SYSTEM = "You are a helpful assistant."
 
 
-def get_encoding(spec):
-    """The tokenizer `spec` names (a tiktoken name or a tokenizer file): tokenizer.py's, the one loader every script
-    shares. Kept under this name for the callers that import it from here."""
-    from tokenizer import get_encoding as load
-    return load(spec)
-
-
 def special_token_id(text, enc):
     """The id of a special token: the tokenizer's own if it has one, else its padding slot n_vocab + i."""
     if text in enc.special_tokens_set:

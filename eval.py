@@ -80,13 +80,13 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from device import autocast as device_autocast, pick_device, pick_dtype
+from device import autocast as device_autocast, pick_device, pick_dtype, shared_dir
 
 from eval_tasks import (DEFAULT_DATA_ROOT, LRC_COLUMNS, LRC_REFERENCE, SUITES, TASKS, load_items, read_rows,
                         resolve_tasks)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_BPB_FILE = os.path.join(ROOT, "..", "shared", "data", "openstax_edu_text", "sample_50.jsonl")
+DEFAULT_BPB_FILE = shared_dir("openstax_edu_text", "sample_50.jsonl")
 GEN_TOKENS = 10           # greedy tokens generated for an arithmetic answer (6-digit numbers are <= 3 gpt2 tokens)
 LOGSOFTMAX_CHUNK = 8192   # continuation positions per log_softmax: bounds the fp32 (N, V) temporary
 

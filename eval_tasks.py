@@ -86,7 +86,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-DEFAULT_DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "evals")
+from device import shared_dir
+
+DEFAULT_DATA_ROOT = shared_dir("evals")
 
 
 # ---- the renderers: a canonical row -> an item -------------------------------------------------------------

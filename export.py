@@ -35,9 +35,9 @@ from dataclasses import asdict
 import torch
 
 import hf
-from chat_format import EOT, EXTRA_TOKENS, ChatFormat, get_encoding
+from chat_format import EOT, EXTRA_TOKENS, ChatFormat
 from checkpoint import load_model
-from tokenizer import bytes_to_unicode
+from tokenizer import bytes_to_unicode, get_encoding
 
 DEFAULT_DIR = {"hf": "hf", "native": "export", "onnx": "onnx"}  # under the run folder
 

@@ -218,7 +218,7 @@ def generate(model, prompt_ids, gen, allowed=None, generator=None):
 
 def sample_text(model, tokenizer, prompt, max_new_tokens=48, temperature=0.8, top_k=50, seed=0):
     """A short seeded continuation of `prompt` as text: what train.py prints at the end with sample_prompt."""
-    from chat_format import get_encoding
+    from tokenizer import get_encoding
     enc = get_encoding(tokenizer)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     device = model.wte.weight.device

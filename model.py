@@ -316,18 +316,6 @@ class GPT(nn.Module):
         embedding_lookup = self.wte.weight.numel()           # a lookup, not a matmul
         return 6 * (matmul_weights - embedding_lookup) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    # ---- generation and loading live elsewhere ----------------------------------------------------------
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=()):
-        """idx (1, T) -> (1, T + new): a thin name over generation.py's one decode loop, for older callers."""
-        from generation import GenerationConfig, generate
-        if idx.shape[0] != 1:
-            raise ValueError("GPT.generate decodes one sequence; use generation.py for more")
-        room = max(1, min(max_new_tokens, self.config.block_size - idx.shape[1]))
-        gen = GenerationConfig(max_new_tokens=room, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0,
-                               stop_ids=tuple(stop_ids))
-        new = generate(self, idx[0].tolist(), gen)
-        return torch.cat([idx, torch.tensor([new], dtype=idx.dtype, device=idx.device)], dim=1)
-
 
 # ---- python model.py config/X.py ------------------------------------------------------------------------------
 def describe(config):

@@ -36,18 +36,10 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from chat_format import FORMATS, ChatFormat, get_encoding
+from chat_format import FORMATS, ChatFormat
+from device import shared_dir
 from shards import write_shard
-
-
-def shared_sft_dir():
-    """Where the offline SFT copies live: $NANOFORGE_SHARED, else ../shared beside the checkout, else ./shared."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    candidates = (os.environ.get("NANOFORGE_SHARED"), os.path.join(root, "..", "shared"), os.path.join(root, "shared"))
-    for shared in candidates:
-        if shared and os.path.isdir(os.path.join(shared, "data", "sft")):
-            return os.path.join(shared, "data", "sft")
-    return os.path.join(root, "..", "shared", "data", "sft")  # missing: the error below names this path
+from tokenizer import get_encoding
 
 
 PARCHMENT_DOLLY_CATEGORIES = ("closed_qa", "open_qa", "information_extraction")
@@ -180,7 +172,7 @@ def load_source(spec, seed, categories=None):
         hub_name, config, split, options = HUB[name]
         rows = [(f"{hub_name} row {i}", row) for i, row in enumerate(read_hub(hub_name, config, split))]
     else:
-        paths = [os.path.join(shared_sft_dir(), LOCAL[name])] if name in LOCAL else sorted(glob.glob(name))
+        paths = [os.path.join(shared_dir("sft"), LOCAL[name])] if name in LOCAL else sorted(glob.glob(name))
         if not paths or not all(os.path.isfile(p) for p in paths):
             raise FileNotFoundError(f"--source {name}: no such file, and not one of the hub aliases {sorted(HUB)} "
                                     f"or local aliases {sorted(LOCAL)}")

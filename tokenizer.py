@@ -33,11 +33,13 @@ import functools
 import json
 import os
 
+from device import shared_dir
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GPT2_RANKS = os.path.join(ROOT, "assets", "gpt2.tiktoken")
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # what tiktoken checks for r50k
 # tiktoken's cache folder in the offline data beside the checkout (used only when TIKTOKEN_CACHE_DIR is unset)
-SHARED_CACHE = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "tiktoken_cache")
+SHARED_CACHE = shared_dir("tokenizers", "tiktoken_cache")
 # the names an end-of-text token goes by in the tokenizers we meet (GPT-2/4, Llama 3, SentencePiece models)
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>", "<eos>", "<|im_end|>")
 

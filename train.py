@@ -38,7 +38,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import kernels
-import prepare_fineweb
 from configurator import ConfigError, check_values, configure, script_defaults
 from device import autocast, pick_device, pick_dtype
 from device import peak_flops as device_peak_flops  # (the name peak_flops is the setting below)
@@ -119,8 +118,9 @@ def resolve(cfg):
     run.ddp, run.master = run.world > 1, run.rank == 0
     run.device = pick_device(run.device, int(os.environ.get("LOCAL_RANK", "0")))
     run.autocast = autocast(run.device, pick_dtype(run.dtype, run.device, allowed=("float32", "bfloat16")))
-    if not os.path.isdir(run.data_dir):
-        prepare_fineweb.ensure_sample(run.data_dir)  # a fresh clone: the quick start's data, from assets/
+    if not os.path.isdir(run.data_dir):  # a fresh clone: the quick start's data, from assets/
+        import prepare_fineweb
+        prepare_fineweb.ensure_sample(run.data_dir)
     meta = read_meta(run.data_dir)
     data_vocab = meta.get("n_vocab", meta["vocab_size"])  # the tokenizer's; an SFT header may add a pad slot
     for key, want in (("tokenizer", meta["tokenizer"]), ("vocab_size", data_vocab)):

@@ -192,9 +192,10 @@ def gram_for(x):
 
 
 @torch.no_grad()
-def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16):
+def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16, gram=None):
     """≈ U Vᵀ of g (a matrix, or a stack (B, rows, cols) of them), by `steps` quintic Newton-Schulz iterations
-    in `dtype`. The singular values of the result lie in a band around 1 (about 0.7-1.2 after 5 steps)."""
+    in `dtype`. The singular values of the result lie in a band around 1 (about 0.7-1.2 after 5 steps).
+    gram: gram_triton or gram_torch, when the caller has asked the switch already (else gram_for asks it)."""
     if g.ndim not in (2, 3):
         raise ValueError(f"newton_schulz: expected a matrix or a stack of matrices, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFICIENTS
@@ -204,7 +205,7 @@ def newton_schulz(g, steps=NS_STEPS, dtype=torch.bfloat16):
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # iterate on the wide orientation: A = X Xᵀ is the smaller Gram matrix
-    gram = gram_for(x)
+    gram = gram or gram_for(x)
     for _ in range(steps):
         A = gram(x)                          # X Xᵀ                 (symmetric)
         B = gram(A, alpha=c, beta=b, c=A)    # c·A Aᵀ + b·A = b·A + c·A²   (symmetric, since A is)
@@ -346,8 +347,13 @@ class Muon(torch.optim.Optimizer):
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # u ← (1 − μ)·g + μ·m
             for p, u in zip(params, updates):
                 stacks.setdefault((p.shape, p.device, group["ns_steps"]), []).append((p, u, group))
+        if not stacks:
+            return
+        # the switch, asked once a step: every product of every stack runs on the same device, in bf16
+        triton = use_triton("muon", *(p for members in stacks.values() for p, _, _ in members))
+        self.last_backend, gram = ("triton", gram_triton) if triton else ("torch", gram_torch)
         for (shape, _, ns_steps), members in stacks.items():
-            orth = self._orthogonalise(torch.stack([u for _, u, _ in members]), ns_steps)
+            orth = self._orthogonalise(torch.stack([u for _, u, _ in members]), ns_steps, gram)
             scale = max(1.0, shape[0] / shape[1]) ** 0.5
             by_group = {}
             for (p, _, group), o in zip(members, orth.unbind(0)):
@@ -360,17 +366,16 @@ class Muon(torch.optim.Optimizer):
                     torch._foreach_mul_(params, 1.0 - lr * wd)                     # decoupled weight decay
                 torch._foreach_add_(params, orths, alpha=-lr * scale)              # W ← W − lr·scale·O
 
-    def _orthogonalise(self, stack, ns_steps):
+    def _orthogonalise(self, stack, ns_steps, gram):
         """newton_schulz of a (k, rows, cols) stack; under torch.distributed each rank does ceil(k / world) of
         the matrices (zero matrices pad the last share: they stay zero) and all ranks gather all results."""
-        self.last_backend = "triton" if use_triton("muon", stack) else "torch"
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world == 1:
-            return newton_schulz(stack, ns_steps)
+            return newton_schulz(stack, ns_steps, gram=gram)
         k, rank = stack.size(0), dist.get_rank()
         share = -(-k // world)
         padded = torch.cat([stack, stack.new_zeros(share * world - k, *stack.shape[1:])])
-        mine = newton_schulz(padded[rank * share:(rank + 1) * share], ns_steps).contiguous()
+        mine = newton_schulz(padded[rank * share:(rank + 1) * share], ns_steps, gram=gram).contiguous()
         gathered = torch.empty((share * world, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
         dist.all_gather(list(gathered.chunk(world)), mine)
         return gathered[:k]

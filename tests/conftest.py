@@ -18,7 +18,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")  # ../shared beside the checkout (tests' offline data)
+from device import shared_dir  # noqa: E402
+
+SHARED = os.path.dirname(shared_dir())  # $NANOFORGE_SHARED, else ../shared beside the checkout (offline data)
 HAVE_SHARED = os.path.isdir(os.path.join(SHARED, "data"))
 
 if not torch.cuda.is_available():

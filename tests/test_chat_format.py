@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from chat_format import EXTRA_TOKENS, FORMATS, ChatFormat, get_encoding, render
+from chat_format import EXTRA_TOKENS, FORMATS, ChatFormat, render
 from conftest import SHARED
+from tokenizer import get_encoding
 
 GPT2 = get_encoding("gpt2")
 EOT = "<|endoftext|>"

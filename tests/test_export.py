@@ -13,7 +13,7 @@ import torch
 
 import export
 import hf
-from chat_format import FORMATS, ChatFormat, get_encoding, render
+from chat_format import FORMATS, ChatFormat, render
 from conftest import encoding_or_skip, SHARED
 from checkpoint import load_model as load_checkpoint
 from model import GPT, GPTConfig

@@ -226,13 +226,3 @@ def test_sample_next_top_k_and_top_p_restrict_the_choice():
     # probabilities ~ [0.72, 0.26, 0.013, ...]: top_p 0.5 keeps only the first, 0.9 the first two
     assert {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)} == {0}
     assert {sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)} == {0, 1}
-
-
-def test_model_generate_is_the_same_decode_loop():
-    """GPT.generate, kept as a thin name for older callers, returns exactly what generation.stream produces."""
-    model = tiny_gpt()
-    idx = torch.tensor([PROMPT])
-    out = model.generate(idx, 8, temperature=0.0)
-    assert out[0, :len(PROMPT)].tolist() == PROMPT
-    assert out[0, len(PROMPT):].tolist() == list(stream(model, PROMPT, GenerationConfig(max_new_tokens=8,
-                                                                                        temperature=0)))

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import export  # noqa: E402
 import hf  # noqa: E402
+from generation import GenerationConfig, generate  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 TOL = 1e-4          # fp32 logits, max |difference|
@@ -60,7 +61,8 @@ def assert_same_model(ours, theirs, vocab):
         diff = (ours(idx)[0] - theirs(idx).logits).abs().max().item()
     assert diff <= TOL, f"logits differ by {diff}"
     prompt = idx[:1]
-    a = ours.generate(prompt, GREEDY_TOKENS, temperature=0)
+    new = generate(ours, prompt[0].tolist(), GenerationConfig(max_new_tokens=GREEDY_TOKENS, temperature=0))
+    a = torch.cat([prompt, torch.tensor([new])], dim=1)
     b = theirs.generate(prompt, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False,
                         eos_token_id=None, pad_token_id=0)
     assert a.shape == b.shape == (1, prompt.shape[1] + GREEDY_TOKENS)

@@ -166,13 +166,14 @@ def test_loss_ignores_minus_one_targets():
 
 def test_generate_greedy_matches_argmax_of_recomputation():
     model = small()
+    from generation import GenerationConfig, generate
     idx = torch.randint(0, 101, (1, 6))
-    out = model.generate(idx, 8, temperature=0.0)
+    out = generate(model, idx[0].tolist(), GenerationConfig(max_new_tokens=8, temperature=0.0))
     seq = idx
     for _ in range(8):
         nxt = model(seq)[0][:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(out, seq)
+    assert out == seq[0, 6:].tolist()
 
 
 def test_generate_top_k_and_top_p_restrict_the_choice():
@@ -186,12 +187,13 @@ def test_generate_top_k_and_top_p_restrict_the_choice():
 
 
 def test_generate_stops_at_stop_token_and_context():
+    from generation import GenerationConfig, generate
     model = small()
-    idx = torch.randint(0, 101, (1, 4))
-    first = model.generate(idx, 1, temperature=0.0)[0, -1].item()
-    out = model.generate(idx, 10, temperature=0.0, stop_ids=[first])
-    assert out.shape[1] == 5                       # stopped right after producing the stop token
-    assert model.generate(idx, 1000, temperature=0.0).shape[1] == 32   # never past the context
+    ids = torch.randint(0, 101, (4,)).tolist()
+    first = generate(model, ids, GenerationConfig(max_new_tokens=1, temperature=0.0))[0]
+    out = generate(model, ids, GenerationConfig(max_new_tokens=10, temperature=0.0, stop_ids=(first,)))
+    assert out == [first]                          # stopped right after producing the stop token
+    assert len(generate(model, ids, GenerationConfig(max_new_tokens=1000, temperature=0.0))) == 28  # context 32
 
 
 def test_too_long_input_is_a_clear_error():

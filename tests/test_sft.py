@@ -14,12 +14,13 @@ import chat
 import prepare_sft
 import sft
 import train
-from chat_format import ChatFormat, get_encoding
+from chat_format import ChatFormat
 from configurator import configure
 from conftest import TINY_TEST_MODEL
 from generation import GenerationConfig
 from model import GPT, GPTConfig
 from shards import list_shards, open_shard
+from tokenizer import get_encoding
 
 GPT2 = get_encoding("gpt2")
 
