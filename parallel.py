@@ -1,0 +1,159 @@
+"""
+parallel.py — one model trained by many processes: DDP or FSDP2, activation checkpointing, one checkpoint format.
+
+    torchrun --standalone --nproc_per_node=8 train.py config/auto_g_nano_1b.py                     # DDP
+    torchrun --standalone --nproc_per_node=8 train.py config/auto_g_nano_1b.py --parallel=fsdp \\
+        --activation_checkpointing=blocks                                                          # FSDP2
+
+Where the bytes go. AdamW training in mixed precision keeps, for each parameter, an fp32 weight (4 bytes), an fp32
+gradient (4) and two fp32 moments (8): 16 bytes, so a 1B model needs 16 GB before a single activation.
+  * DDP (PyTorch's DistributedDataParallel) gives every process all of it. The processes only share the work:
+    each takes its own micro-batches, and the backward averages the gradients (an all-reduce) as it goes.
+  * FSDP2 (`torch.distributed.fsdp.fully_shard`, PyTorch's own) gives each of N processes 1/N of every weight,
+    gradient and moment. Before a Block runs, its weights are gathered from all processes (an all-gather, in bf16
+    under MixedPrecisionPolicy), used, and freed; after its backward, its gradients are averaged and split again
+    (a reduce-scatter, in fp32). So a process holds 16/N bytes a parameter plus one or two whole Blocks at a time.
+    Sharding each Block separately is what makes the gathered part one Block and not the model.
+  * Activation checkpointing keeps only each checkpointed Block's input during the forward and recomputes the
+    rest during the backward: about a third more compute for a fraction of the activation memory, which at long
+    contexts is most of the memory (`python model.py config/X.py --memory` prints both).
+
+One checkpoint format, whatever the split: rank 0 writes the same ckpt.pt a single process writes. Under FSDP the
+weights and the optimizer's state are first gathered whole to the CPU (torch.distributed.checkpoint's
+get_model_state_dict / get_optimizer_state_dict, full_state_dict=True); the optimizer's state is keyed by
+parameter number, as torch.optim.Optimizer.state_dict() keys it, so chat.py, eval.py, export.py and a resume with
+any number of processes read it unchanged. Resuming under FSDP hands the whole state to every process and each
+keeps its shard.
+
+What FSDP does not do here: Muon's Newton-Schulz orthogonalisation needs each whole matrix, and SophiaG's fused
+step addresses each parameter's whole local storage; under FSDP every process holds only a slice of each, so both
+are refused with parallel='fsdp' (DDP runs them). AdamW is elementwise and runs on the slices as they are.
+"""
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def init(run):
+    """The process group: torchrun's processes meet (NCCL between GPUs, gloo between CPU processes). FSDP also
+    needs one for a single process (a run that shards nothing but uses FSDP's bf16 weights, or its
+    checkpointing), made here in memory."""
+    backend = "nccl" if run.device.type == "cuda" else "gloo"
+    if run.world > 1:
+        dist.init_process_group(backend)
+    elif run.parallel == "fsdp":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def check(run):
+    """What cannot run under this split, named before anything is allocated."""
+    if run.parallel == "fsdp" and run.optimizer in ("muon", "sophia"):
+        why = {"muon": "Muon's Newton-Schulz step needs each whole matrix",
+               "sophia": "SophiaG's fused step works on each parameter's whole storage"}[run.optimizer]
+        raise ValueError(f"optimizer='{run.optimizer}' with parallel='fsdp': {why}, and FSDP gives each process "
+                         f"only a slice of it; use parallel='ddp' for {run.optimizer}, or optimizer='adamw'")
+    if run.parallel == "fsdp" and run.compile_mode == "reduce-overhead":
+        raise ValueError("compile_mode='reduce-overhead' (CUDA graphs) cannot hold FSDP's gathers: use 'default'")
+
+
+def checkpointed_blocks(run, n_layer):
+    """activation_checkpointing: 'none' | 'blocks' (all of them) | a number of Blocks (the first ones)."""
+    setting = str(run.activation_checkpointing)
+    if setting == "none":
+        return 0
+    if setting == "blocks":
+        return n_layer
+    if setting.isdigit() and 0 <= int(setting) <= n_layer:
+        return int(setting)
+    raise ValueError(f"activation_checkpointing={run.activation_checkpointing!r}: expected 'none', 'blocks' or a "
+                     f"number of blocks from 0 to n_layer={n_layer}")
+
+
+def wrap(raw_model, run):
+    """The module the loop runs: raw_model compiled, then DDP-wrapped or sharded in place by FSDP2.
+    raw_model stays the one whose names a checkpoint uses (no compile or DDP prefixes; FSDP keeps the names)."""
+    blocks = getattr(raw_model, "blocks", None)
+    if blocks is None and (run.parallel == "fsdp" or checkpointed_blocks(run, run.n_layer)):
+        raise ValueError("parallel='fsdp' and activation_checkpointing need GPT's Blocks; distill.py's LRC student "
+                         "computes its weights from the teacher's whole matrices each step: use parallel='ddp'")
+    if blocks is not None:
+        raw_model.checkpoint_blocks = checkpointed_blocks(run, len(blocks))
+    model = raw_model
+    if run.parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # compute in the run's precision (bf16 on a GPU), average gradients in fp32, keep fp32 master weights
+        mp = MixedPrecisionPolicy(param_dtype=run.amp_dtype, reduce_dtype=torch.float32)
+        for block in blocks:  # one all-gather per Block: only the Block at work is ever whole
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)  # the rest: embedding, final norm, head
+    if run.compile and run.device.type == "cuda":
+        model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
+    if run.parallel == "ddp" and run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return model
+
+
+def for_evaluation(model):
+    """The module to evaluate with: DDP's inner module (no gradient hooks in evaluation); FSDP's is itself."""
+    return model.module if hasattr(model, "no_sync") else model
+
+
+def accumulating(model, last_micro):
+    """Gradients are averaged across processes only on the step's last micro-batch: the others accumulate
+    locally (DDP's no_sync; FSDP2's requires_gradient_sync), saving N-1 all-reduces a step."""
+    if hasattr(model, "no_sync"):  # DDP
+        return nullcontext() if last_micro else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last_micro)
+    return nullcontext()
+
+
+def plain(tensor):
+    """A 0-dim result that may be a DTensor under FSDP (a gradient norm) as an ordinary tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+# ---- one checkpoint format -------------------------------------------------------------------------------------
+def full_state(model, raw_model, optimizer, run):
+    """(weights, optimizer state) whole, on the CPU, as a single process's state_dict()s: on every rank for DDP
+    or one process (cheap: no copies), on rank 0 for FSDP (a collective: every rank must call it)."""
+    if run.parallel != "fsdp":
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(raw_model, options=options)
+    by_name = get_optimizer_state_dict(raw_model, optimizer, options=options)
+    return weights, numbered(by_name) if by_name else {}  # ranks other than 0 receive nothing
+
+
+def numbered(by_name):
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) -> keyed by number, in the
+    order of the param groups, which is how Optimizer.state_dict() numbers them."""
+    order = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
+    return {"state": {index[n]: s for n, s in by_name["state"].items()}, "param_groups": groups}
+
+
+def named(numbered_state, raw_model, optimizer):
+    """The inverse of numbered(), for this optimizer's param groups."""
+    names = {id(p): n for n, p in raw_model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in numbered_state["param_groups"]]
+    return {"state": {order[i]: s for i, s in numbered_state["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(raw_model, optimizer, state, run):
+    """A checkpoint's (numbered, whole) optimizer state into this run's optimizer: as is for DDP or one process;
+    under FSDP each process keeps its slice of every moment."""
+    if run.parallel != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(raw_model, optimizer, named(state, raw_model, optimizer),
+                             options=StateDictOptions(full_state_dict=True))
