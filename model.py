@@ -370,6 +370,11 @@ def describe(config):
 
 if __name__ == "__main__":
     from configurator import read_config_file
-    if len(sys.argv) != 2:
-        sys.exit("usage: python model.py config/<preset>.py")
-    print(describe(GPTConfig.from_dict(read_config_file(sys.argv[1]))))
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--memory"]):
+        sys.exit("usage: python model.py config/<preset>.py [--memory]")
+    preset = read_config_file(sys.argv[1])
+    print(describe(GPTConfig.from_dict(preset)))
+    if "--memory" in sys.argv:  # what each parallel setting needs a GPU (parallel.py)
+        from parallel import memory_table
+        print("\n" + memory_table(GPTConfig.from_dict(preset), preset.get("batch_size", 16),
+                                  optimizer=preset.get("optimizer", "adamw")))

@@ -157,3 +157,66 @@ def load_optimizer_state(raw_model, optimizer, state, run):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(raw_model, optimizer, named(state, raw_model, optimizer),
                              options=StateDictOptions(full_state_dict=True))
+
+
+# ---- python model.py config/X.py --memory ----------------------------------------------------------------------
+OPTIMIZER_BYTES = {"adamw": 8, "sophia": 8, "muon": 8}  # fp32 state a parameter: AdamW's m and v, Sophia's m and h;
+# Muon keeps one momentum for its matrices but AdamW's two moments for the rest: 8 is its upper bound
+
+
+def activation_bytes_per_token(c):
+    """What autograd keeps between a Block's forward and its backward, per token, in bytes, with bf16 autocast and
+    nanoforge's GPU kernels: the fp32 residual stream at each norm's input (4d twice), the bf16 normed inputs of
+    the two matmul groups (2d twice); for attention the whole [q | k | v] matmul output (v is a view of it, so it
+    all stays), q and k after RoPE, the output with its fp32 log-sum-exp per head, and that output again in the
+    (B, T, Hq*D) layout c_proj reads; and the MLP's hidden (SwiGLU: gate and up, then their product; SiLU: W1 x,
+    silu)."""
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    attention = 2 * (q + 2 * kv) + 2 * (q + kv) + 2 * q + 4 * c.n_head + 2 * q
+    mlp = 2 * 3 * c.ffn_hidden if c.mlp == "swiglu" else 2 * 2 * c.ffn_hidden
+    return 4 * c.n_embd * 2 + 2 * c.n_embd * 2 + attention + mlp
+
+
+def memory_estimate(model, batch_size, world, parallel, checkpoint_blocks, optimizer="adamw"):
+    """Bytes a GPU holds at its peak, by kind, for training `model` (built on the meta device) at micro-batch
+    batch_size x block_size on `world` GPUs. Weights, gradients and optimizer state are fp32 (16 bytes a parameter
+    with AdamW); DDP keeps all of them on every GPU, FSDP 1/world. The bf16 copies that the forward computes
+    with: autocast's cache of every weight under DDP; under FSDP the gathered Blocks (the one at work and the
+    one prefetched) and the root's embedding and head, which stay gathered through the step.
+    Checked against the peaks measured so far: auto_g_nano_1b under DDP on 2 H200s at 16 x 1024, 50.6 GiB
+    (bench/results/ddp_h200x2; estimate 47.2, -7%), and lrc_1p5b on one GPU at 8 x 2048, 61.8 GiB (estimate 69.1,
+    +12%). FSDP and checkpointing rows are not measured yet."""
+    c = model.config
+    n = model.num_params(count_padding=True)
+    shard = world if parallel == "fsdp" else 1
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    bf16 = 2 * n if parallel == "ddp" else 2 * (2 * per_block + (n - c.n_layer * per_block))
+    tokens = batch_size * c.block_size
+    stored = activation_bytes_per_token(c)
+    # a checkpointed Block keeps only its fp32 input, then recomputes everything in its backward (one at a time)
+    kept = (c.n_layer - checkpoint_blocks) * stored + checkpoint_blocks * 4 * c.n_embd + (stored if checkpoint_blocks else 0)
+    head = 4 * c.n_embd + 2 * c.n_embd + 4 + 8  # final norm's input and output, the loss's log-sum-exp, the ids
+    # DDP averages gradients through flat buckets of its own: a second fp32 copy of the gradients
+    gradients = 4 * n / shard + (4 * n if parallel == "ddp" and world > 1 else 0)
+    return {"weights": 4 * n / shard, "gradients": gradients, "optimizer": OPTIMIZER_BYTES[optimizer] * n / shard,
+            "bf16 copies": bf16, "activations": tokens * (kept + head)}
+
+
+def memory_table(config, batch_size, gpus=(1, 2, 8), optimizer="adamw"):
+    """The per-GPU memory of each setting a user can pick, before renting the GPUs: DDP and FSDP at each GPU
+    count, with and without activation checkpointing of every Block."""
+    from model import GPT
+    with torch.device("meta"):
+        model = GPT(config)
+    lines = [f"per-GPU memory at micro-batch {batch_size} x {config.block_size} ({optimizer}, bf16 autocast; "
+             f"GiB; an estimate: allocator slack and temporaries come on top, typically 5-15%)", "",
+             "| GPUs | parallel | activation checkpointing | weights | gradients | optimizer | bf16 copies | "
+             "activations | total |", "|---|---|---|---|---|---|---|---|---|"]
+    for world in gpus:
+        for parallel in PARALLEL:
+            for blocks in (0, config.n_layer):
+                part = memory_estimate(model, batch_size, world, parallel, blocks, optimizer)
+                cells = " | ".join(f"{v / 2**30:.1f}" for v in part.values())
+                lines.append(f"| {world} | {parallel} | {'blocks' if blocks else 'none'} | {cells} | "
+                             f"{sum(part.values()) / 2**30:.1f} |")
+    return "\n".join(lines)

@@ -142,3 +142,23 @@ def test_bad_parallel_settings_are_one_line_before_anything_runs(sample_data_dir
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train.train(cfg)
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_memory_estimate_orders_the_settings_and_matches_the_measured_ddp_peak():
+    """`python model.py config/X.py --memory`: FSDP on 8 GPUs and checkpointing each save what they should, and
+    the one DDP peak measured on a GPU (auto_g_nano_1b, 2 x H200, 16 x 1024: 50.6 GiB) is within 15%."""
+    from configurator import read_config_file
+    from model import GPT, GPTConfig
+    from parallel import memory_estimate, memory_table
+    preset = read_config_file(os.path.join(ROOT, "config", "auto_g_nano_1b.py"))
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(preset))
+    total = lambda *a: sum(memory_estimate(model, 16, *a).values()) / 2**30
+    assert abs(total(2, "ddp", 0) - 50.6) / 50.6 < 0.15
+    assert total(8, "fsdp", 0) < total(8, "ddp", 0) and total(1, "ddp", 24) < total(1, "ddp", 0)
+    assert total(8, "fsdp", 24) < 8  # sharded state and recomputed activations: a 1B model on small GPUs
+    table = memory_table(model.config, 16)
+    assert table.count("\n| ") == 12 and "| 8 | fsdp | blocks |" in table
+    out = subprocess.run([sys.executable, "model.py", "config/auto_g_nano_1b.py", "--memory"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "1,050,002,688" in out and "| 1 | fsdp | blocks |" in out
