@@ -158,7 +158,7 @@ def test_memory_estimate_orders_the_settings_and_matches_the_measured_ddp_peak()
     assert total(8, "fsdp", 0) < total(8, "ddp", 0) and total(1, "ddp", 24) < total(1, "ddp", 0)
     assert total(8, "fsdp", 24) < 8  # sharded state and recomputed activations: a 1B model on small GPUs
     table = memory_table(model.config, 16)
-    assert table.count("\n| ") == 12 and "| 8 | fsdp | blocks |" in table
+    assert table.count("\n| ") == 1 + 12 and "| 8 | fsdp | blocks |" in table
     out = subprocess.run([sys.executable, "model.py", "config/auto_g_nano_1b.py", "--memory"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120).stdout
     assert "1,050,002,688" in out and "| 1 | fsdp | blocks |" in out
