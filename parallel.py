@@ -25,9 +25,11 @@ parameter number, as torch.optim.Optimizer.state_dict() keys it, so chat.py, eva
 any number of processes read it unchanged. Resuming under FSDP hands the whole state to every process and each
 keeps its shard.
 
-What FSDP does not do here: Muon's Newton-Schulz orthogonalisation needs each whole matrix, and SophiaG's fused
-step addresses each parameter's whole local storage; under FSDP every process holds only a slice of each, so both
-are refused with parallel='fsdp' (DDP runs them). AdamW is elementwise and runs on the slices as they are.
+The optimizers on slices. AdamW and Sophia are elementwise: each process updates its slice of every parameter
+(Sophia's fused kernel addresses the local slices; its state stays sliced like the parameters, so checkpoints
+gather it). Muon's momentum is elementwise too, but its Newton-Schulz orthogonalisation needs each whole matrix:
+the update is gathered (an all-gather a matrix), orthogonalised (the matrices shared out among the processes, as
+under DDP), and each process applies its own rows.
 """
 from contextlib import nullcontext
 
@@ -50,11 +52,6 @@ def init(run):
 
 def check(run):
     """What cannot run under this split, named before anything is allocated."""
-    if run.parallel == "fsdp" and run.optimizer in ("muon", "sophia"):
-        why = {"muon": "Muon's Newton-Schulz step needs each whole matrix",
-               "sophia": "SophiaG's fused step works on each parameter's whole storage"}[run.optimizer]
-        raise ValueError(f"optimizer='{run.optimizer}' with parallel='fsdp': {why}, and FSDP gives each process "
-                         f"only a slice of it; use parallel='ddp' for {run.optimizer}, or optimizer='adamw'")
     if run.parallel == "fsdp" and run.compile_mode == "reduce-overhead":
         raise ValueError("compile_mode='reduce-overhead' (CUDA graphs) cannot hold FSDP's gathers: use 'default'")
 
@@ -110,6 +107,22 @@ def accumulating(model, last_micro):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(last_micro)
     return nullcontext()
+
+
+def local(t):
+    """Under FSDP a parameter (its gradient, its optimizer state) is a DTensor: this process's slice of it is an
+    ordinary tensor, which elementwise updates (AdamW, Sophia, Muon's momentum) need and nothing more. Anything
+    else is returned as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_like(p, tensor):
+    """Optimizer state for parameter p, from this process's slice: a DTensor sliced as p is, so that the
+    checkpoint (full_state below) gathers it whole; for an ordinary parameter, the tensor itself."""
+    if not hasattr(p, "to_local"):
+        return tensor
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(tensor, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def plain(tensor):
