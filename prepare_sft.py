@@ -206,17 +206,18 @@ def keep_language(name, rows, langs=None):
     """The rows of one language, for a source whose rows carry a language field (LANGUAGE_FIELDS, read from the
     first row): English unless `langs` (--lang, split at commas) names others; 'all' keeps every row. Several
     values let one --lang serve several sets (es,spa: RAG_Multilingual's Spanish and Aya's); each set must match
-    one. A row without the field is an error naming it. rows are (where, row) pairs."""
+    one; Aya's rows match by their code or their `language` name. A row without the field is an error naming it.
+    rows are (where, row) pairs."""
     first = rows[0][1] if rows else None
     field = next((f for f in LANGUAGE_FIELDS if isinstance(first, dict) and f in first), None)
-    if field is None or langs == ["all"]:
+    if field is None or "all" in (langs or []):
         return rows, None
     want = {v.lower() for v in (langs or [LANGUAGE_FIELDS[field]])}
     kept, seen = [], set()
     for where, row in rows:
         if not isinstance(row, dict) or row.get(field) is None:
             raise ValueError(f"{where}: no '{field}' field (the language; {name}'s first row has one)")
-        values = {str(row[field]).lower(), str(row.get("language", "")).lower()}  # Aya: its code or its name
+        values = {str(row[field]).lower()} | ({str(row["language"]).lower()} if "language" in row else set())
         seen.add(str(row[field]))
         if values & want:
             kept.append((where, row))
@@ -372,7 +373,7 @@ def main(argv=None):
     if os.path.isdir(args.out_dir) and any(f.endswith(".bin") for f in os.listdir(args.out_dir)):
         raise SystemExit(f"error: {args.out_dir} already holds shards; remove them or choose another --out_dir")
     categories = tuple(args.categories.split(",")) if args.categories else None
-    langs = args.lang.split(",") if args.lang else None
+    langs = [v.strip() for v in args.lang.split(",") if v.strip()] if args.lang else None
 
     # ---- read, split, weight, shuffle ----
     val, train, sources = [], [], []

@@ -113,7 +113,7 @@ def test_language_is_english_unless_chosen(tmp_path):
     assert stats["lang"] == ["en"] and len(convs) == 4 and all("(en)" in c[0]["content"] for c in convs)
     _, convs, _, _ = prepare_sft.load_source(aya, seed=0)
     assert len(convs) == 5                                                  # language_code eng
-    for langs, n_rag, n_aya in ((["es", "spa"], 4, 5), (["Spanish", "ca"], 4, 5), (["all"], 12, 10)):
+    for langs, n_rag, n_aya in ((["es", "spa"], 4, 5), (["Spanish", "ca"], 4, 5), (["es", "all"], 12, 10)):
         assert len(prepare_sft.load_source(rag, seed=0, langs=langs)[1]) == n_rag
         assert len(prepare_sft.load_source(aya, seed=0, langs=langs)[1]) == n_aya
     with pytest.raises(ValueError, match=r"no row has lang in \['de'\] \(its values: ca, en, es\)"):
