@@ -19,14 +19,16 @@ The host never waits for the GPU inside a step: the loss and the finiteness of t
 and are read every log_interval steps. sft.py runs this same loop on instruction data; only its defaults differ.
 Exit codes: 0 done, 1 a named error, 130 after Ctrl-C and 143 after SIGTERM (128 + signal, both after saving).
 """
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) or before the loop: a quiet exit, no traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) or before the loop: leave at once, quietly.
+    # os._exit, not sys.exit: a SystemExit raised inside a half-done import (numpy's, torch's) can end in a
+    # traceback from the half-made module on the way out; nothing is open or unsaved yet
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -34,10 +36,10 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import kernels
+import parallel as parallel_  # the module; `parallel` is the setting below
 from configurator import ConfigError, check_values, configure, script_defaults
 from device import autocast, pick_device, pick_dtype
 from device import peak_flops as device_peak_flops  # (the name peak_flops is the setting below)
@@ -89,6 +91,8 @@ wsd_decay_frac = 0.2                # 'wsd': the last 20% of steps decay linearl
 # system
 device = "auto"                     # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
 dtype = "auto"                      # 'auto' (bf16 autocast on a GPU that has it, else fp32) | 'bfloat16' | 'float32'
+parallel = "ddp"                    # torchrun's processes: 'ddp' (each holds the whole model) | 'fsdp' (parallel.py)
+activation_checkpointing = "none"   # 'none' | 'blocks' | N: recompute Block activations in the backward (parallel.py)
 compile = True                      # torch.compile the model (ignored on CPU: compile time would dominate)
 compile_mode = "default"            # 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune-no-cudagraphs'
 kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # 'auto' | 'triton' | 'torch' (+ ',name=choice')
@@ -98,6 +102,7 @@ MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 DEFAULTS = {**{f.name: f.default for f in fields(GPTConfig)}, **script_defaults(globals())}
 # Checked at start, so a bad value fails now and not on the step that first uses it.
 CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("adamw", "sophia", "muon"),
+           "parallel": parallel_.PARALLEL,
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
@@ -117,7 +122,8 @@ def resolve(cfg):
     run.world, run.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     run.ddp, run.master = run.world > 1, run.rank == 0
     run.device = pick_device(run.device, int(os.environ.get("LOCAL_RANK", "0")))
-    run.autocast = autocast(run.device, pick_dtype(run.dtype, run.device, allowed=("float32", "bfloat16")))
+    run.amp_dtype = pick_dtype(run.dtype, run.device, allowed=("float32", "bfloat16"))
+    run.autocast = autocast(run.device, run.amp_dtype)
     if not os.path.isdir(run.data_dir):  # a fresh clone: the quick start's data, from assets/
         import prepare_fineweb
         prepare_fineweb.ensure_sample(run.data_dir)
@@ -195,6 +201,12 @@ def resolve_batch(run):
         raise ConfigError(f"total_batch_tokens={run.total_batch_tokens} is not a multiple of batch_size * "
                           f"block_size * world_size = {per_micro}; adjust one of them")
     run.tokens_per_step = run.grad_accum * per_micro
+    if run.compile and run.compile_mode == "reduce-overhead" and run.grad_accum > 1:  # else silently wrong
+        raise ConfigError(f"compile_mode='reduce-overhead' (CUDA graphs) with gradient accumulation (grad_accum="
+                          f"{run.grad_accum}): PyTorch's CUDA graph trees hand a replay's gradient buffers to .grad, "
+                          f"and the next micro-batch's replay overwrites them instead of adding to them "
+                          f"(pytorch/pytorch#169545). Use one micro-batch a step (total_batch_tokens = batch_size x "
+                          f"block_size x world_size) or compile_mode='default'")
     if run.epochs > 0:
         run.max_iters = max(1, int(run.epochs * run.train_windows * run.block_size / run.tokens_per_step))
     if run.max_iters < 1:
@@ -297,11 +309,15 @@ def evaluate(model, data, run):
     whatever the number of processes (rank r takes every world-th batch), so 1 or N GPUs report comparable numbers."""
     model.eval()
     total, n_windows = torch.zeros(2, device=run.device), run.eval_iters * run.batch_size
-    for first in range(run.rank * run.batch_size, n_windows, run.world * run.batch_size):
+    turns = -(-run.eval_iters // run.world)  # every rank runs as many forwards (FSDP's gathers are collective)
+    for turn in range(turns):
+        first = (turn * run.world + run.rank) * run.batch_size
+        counts = first < n_windows  # a rank past the end repeats the first batch and adds nothing
+        first = first if counts else 0
         x, y, starts = data.batch(first, min(run.batch_size, n_windows - first), run.device, run.doc_mask)
         with run.autocast:
             _, loss = model(x, y, doc_starts=starts)
-        n = (y != -1).sum()  # SFT: only trained targets count
+        n = (y != -1).sum() * counts  # SFT: only trained targets count
         total += torch.stack([loss.float() * n, n.float()])
     if run.ddp:
         dist.all_reduce(total)
@@ -323,13 +339,14 @@ def bytes_per_token(data, run):
         return None
 
 
-def check_finite(last_good, step, first_bad, raw_model=None):
+def check_finite(last_good, step, first_bad, weights=None):
     """The NaN guard, acted on where the host looks anyway (log points) and before every save: first_bad is the
-    first step whose loss or gradient norm was not finite (-1: none), kept on the device; with raw_model, the
-    weights are checked too (a finite gradient can still overflow them). Nothing non-finite is ever saved, so
+    first step whose loss or gradient norm was not finite (-1: none), kept on the device; with weights (the state_dict about to be saved),
+    they are checked too (a finite gradient can still overflow them). Nothing non-finite is ever saved, so
     the checkpoint named here is a good one."""
     bad = int(first_bad)
-    if bad >= 0 or (raw_model is not None and not all(p.isfinite().all() for p in raw_model.parameters())):
+    if bad >= 0 or (weights is not None and not all(t.isfinite().all() for t in weights.values()
+                                                     if t.is_floating_point())):
         what = f"loss or gradient norm at step {bad + 1}" if bad >= 0 else f"weights at step {step}"
         where = f"the last good checkpoint is {last_good[0]} (step {last_good[1]}, finite)" \
             if last_good else "there is no checkpoint of this run yet"
@@ -406,8 +423,9 @@ def train(cfg, model=None):
     model: a module built by the caller instead of GPT(run's architecture) -- distill.py's LRC student. It must
     carry the same GPTConfig (it is checked) and GPT's contract: (logits, loss) = model(x, y, doc_starts=...)."""
     run = resolve(cfg)
-    if run.ddp:  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK; NCCL between GPUs, gloo between CPU processes
-        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+    parallel_.check(run)
+    parallel_.checkpointed_blocks(run, run.n_layer)  # a bad setting is named now, not after allocating
+    parallel_.init(run)  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK
     if run.device.type == "cuda":
         torch.cuda.set_device(run.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -420,31 +438,33 @@ def train(cfg, model=None):
             raise ValueError(f"the model handed to train() is {raw_model.config}, the run asks for {run.model}")
         if run.ckpt is not None:
             raw_model.load_state_dict(run.ckpt["model"])
-        model = raw_model.to(run.device)  # `model` is what runs (maybe compiled, DDP-wrapped); raw_model is saved
-        if run.compile and run.device.type == "cuda":
-            model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
-        if run.ddp:
-            model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        # `model` is what runs (compiled, DDP-wrapped or FSDP-sharded); raw_model's names are what is saved
+        model = parallel_.wrap(raw_model.to(run.device), run)
         rows = raw_model.config.padded_vocab_size
         train_data = TokenWindows(run.data_dir, "train", run.block_size, rows, run.seed, shuffle=True)
         val_data = TokenWindows(run.data_dir, "val", run.block_size, rows, run.seed, shuffle=False)
         optimizer = make_optimizer(raw_model, run, hessian_estimator(model, raw_model, train_data, run))
         if run.resumed:
-            checkpoint.restore_training_state(run.ckpt, optimizer, run.device)
+            checkpoint.restore_training_state(run.ckpt, optimizer, run.device, load=lambda state: (
+                parallel_.load_optimizer_state(raw_model, optimizer, state, run)))
         if run.master:
             print(f"{'resumed' if run.resumed else 'initialised'} from {run.ckpt_path} (step {run.ckpt['step']}); "
                   if run.ckpt else "", end="")
             print(f"{run.world} process(es) on {run.device}, micro-batch {run.batch_size} x {run.block_size}, "
                   f"grad_accum {run.grad_accum}: {run.tokens_per_step:,} tokens/step, {run.max_iters} steps; "
                   f"{raw_model.num_params():,} parameters, {raw_model.flops_per_token() / 1e9:.3f} GFLOP/token")
+            if getattr(raw_model, "checkpoint_blocks", 0):  # recomputing a Block's forward costs about a third more
+                share = raw_model.checkpoint_blocks / run.n_layer
+                print(f"activation checkpointing: {raw_model.checkpoint_blocks} of {run.n_layer} blocks recompute their "
+                      f"forward in the backward (about +{100 * share / 3:.0f}% compute)")
         run.ckpt = None  # the weights live in the model now: free the CPU copy
         stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
-        if run.ddp:  # the ranks reach teardown together (rank 0 may still be saving)
+        if dist.is_initialized():  # the ranks reach teardown together (rank 0 may still be saving)
             dist.barrier()
     finally:
         if run.master:
             plot_losses(run.out_dir)
-        if run.ddp and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
         if lock is not None:
             lock.close()
@@ -478,17 +498,19 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
             # ---- evaluate + checkpoint (a resumed run's first step was evaluated before it was saved) ----
             if (step % run.eval_interval == 0 or last_step) and not (step == run.start_step and run.resumed):
                 check_finite(last_good, step, first_bad)
-                val = evaluate(model.module if run.ddp else model, val_data, run)  # no DDP hooks in evaluation
+                val = evaluate(parallel_.for_evaluation(model), val_data, run)
                 bpb = val / math.log(2) / bpt if bpt else float("nan")
                 log(run, f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}",
                     {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step * run.tokens_per_step})
-                if run.master and run.save_checkpoints and step > run.start_step:
-                    check_finite(last_good, step, first_bad, raw_model)
-                    best_val = min(best_val, val)
-                    next_sample = first_sample(run, step)
-                    path = checkpoint.save_run(run.out_dir, raw_model, optimizer, step, best_val, run.config,
-                                               next_sample, run.device, best=val <= best_val)
-                    last_good = (path, step)
+                if run.save_checkpoints and step > run.start_step:
+                    weights, optimizer_state = parallel_.full_state(model, raw_model, optimizer, run)  # all ranks
+                    if run.master:
+                        check_finite(last_good, step, first_bad, weights)
+                        best_val = min(best_val, val)
+                        next_sample = first_sample(run, step)
+                        path = checkpoint.save_run(run.out_dir, weights, optimizer_state, step, best_val,
+                                                   run.config, next_sample, run.device, best=val <= best_val)
+                        last_good = (path, step)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
@@ -502,15 +524,15 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 with phase("data"):
                     first = first_sample(run, step, micro) + run.rank * run.batch_size
                     x, y, starts = train_data.batch(first, run.batch_size, run.device, run.doc_mask)
-                # DDP all-reduces gradients during backward; only the last micro-step needs it
-                with phase("forward_backward"), \
-                        model.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
+                # gradients are averaged across processes during the backward of the last micro-step only
+                with phase("forward_backward"), parallel_.accumulating(model, micro == run.grad_accum - 1):
                     with run.autocast:
                         _, loss = model(x, y, doc_starts=starts)
                     (loss / run.grad_accum).backward()
                     loss_sum += loss.detach()  # detached: the log must not keep the graph alive
             with phase("clip"):
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
+                grad_norm = parallel_.plain(grad_norm)  # FSDP: a DTensor
                 ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
                 first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
             with phase("optimizer"):

@@ -30,7 +30,8 @@ bench/results/e2e.json: {"gpu", "date", "commit", "rows": [{"preset", "kernels",
     python bench/e2e.py                                    # every preset, auto and torch, 30 steps each
     python bench/e2e.py --presets lille_130m,gpt2_124m --nanogpt .carry/nanogpt --max_accum 8
     python bench/e2e.py --presets lime_1b,lrc_1p5b --layers lime_1b=8,lrc_1p5b=6 --max_accum 2 --results e2e_1b
-    python bench/e2e.py --presets lille_130m --backends auto --compile_mode reduce-overhead --results e2e_graphs
+    python bench/e2e.py --presets lille_130m --backends auto --compile_mode reduce-overhead --max_accum 1 \
+        --results e2e_graphs   # CUDA graphs take one micro-batch a step (train.py refuses accumulation with them)
 
 --max_accum caps the micro-batches a step (gpt2_124m's preset takes 32 on one GPU: 8 give the same tokens/s to
 within the optimizer step's share, in a quarter of the time); the `accum` column says what each row ran.
@@ -216,6 +217,8 @@ def write_report(rows, stamp, args):
         ratio = lambda other: f"{r['tok_s'] / other['tok_s']:.3f}x" if r["tok_s"] and other and other["tok_s"] \
             and other is not r else ""
         layers = f"{r['layers']}{' *' if r['layers'] != full.get(r['preset'], r['layers']) else ''}"
+        if r.get("commit", stamp["commit"]) != stamp["commit"] or r.get("gpu", stamp["gpu"]) != stamp["gpu"]:
+            layers += f" ({r['gpu']}, {r['date']}, {r['commit']})"  # a row kept from an earlier run
         tok = f"{r['tok_s']:,.0f}" if r["tok_s"] else f"failed: {r.get('error', '')[:80]}"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else ""
         mem = f"{r['mem_gib']:.1f}" if r["mem_gib"] else ""
@@ -232,6 +235,15 @@ def write_report(rows, stamp, args):
     print(text)
 
 
+def earlier_rows(results):
+    """The rows of an earlier bench/results/<results>.json, each stamped with its own run's GPU, date and commit."""
+    path = os.path.join(RESULTS_DIR, f"{results}.json")
+    if not os.path.exists(path):
+        return []
+    saved = json.load(open(path))
+    return [{"gpu": saved["gpu"], "date": saved["date"], "commit": saved["commit"], **r} for r in saved["rows"]]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (config/<name>.py)")
@@ -246,6 +258,8 @@ def parse_args(argv):
     p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per run before it counts as failed")
     p.add_argument("--results", default="e2e", help="bench/results/<this>.{md,json}: another name keeps a "
                    "second invocation (another compile_mode, say) from replacing the first's table")
+    p.add_argument("--merge", action="store_true", help="keep the rows of other presets from the existing "
+                   "results file (each row says its GPU, date and commit); ratios stay within one run")
     p.add_argument("--logs", default="", help="folder for the runs' logs (default: a temporary folder)")
     args = p.parse_args(argv)
     args.presets = [x for x in args.presets.split(",") if x]
@@ -265,17 +279,19 @@ def main(argv):
     args = parse_args(argv)
     stamp = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit()}
     rows = []
+    if args.merge:  # a second device call adds its presets to the first call's table
+        rows = [r for r in earlier_rows(args.results) if r["preset"] not in args.presets]
     with tempfile.TemporaryDirectory(prefix="nanoforge_e2e_") as work:
         args.logs = args.logs or work
         os.makedirs(args.logs, exist_ok=True)
         if args.nanogpt:
             batch = read_config_file(os.path.join(ROOT, "config", "gpt2_124m.py"))["batch_size"]
-            rows.append(time_nanogpt(os.path.abspath(args.nanogpt), batch, args))
+            rows.append({**time_nanogpt(os.path.abspath(args.nanogpt), batch, args), **stamp})
         for preset in args.presets:
             cfg = read_config_file(os.path.join(ROOT, "config", f"{preset}.py"))
             data_dir = synthetic_data(work, cfg.get("tokenizer", "gpt2"), cfg.get("vocab_size", 50257))
             for backend in [b for b in args.backends.split(";") if b] + EXTRA_BACKENDS.get(preset, []):
-                rows.append(time_preset(preset, backend, data_dir, work, args))
+                rows.append({**time_preset(preset, backend, data_dir, work, args), **stamp})
                 write_report(rows, stamp, args)  # after every run: a crash later loses nothing measured
     return rows
 
