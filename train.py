@@ -167,24 +167,23 @@ def adopt_architecture(run, saved, given):
 
 
 def check_model_fits_data(run, meta, model_cfg):
-    """The data's token ids fit the model's vocabulary rows; SFT data (meta kind 'sft': a chat format, maybe
-    conversations padded to one window each) fits the model that will train on it."""
+    """SFT data (meta kind 'sft': a chat format, maybe conversations padded to one window each) fits the model
+    that will train on it; any data's token ids fit the model's vocabulary rows."""
+    if meta.get("kind") == "sft":
+        from chat_format import ChatFormat
+        from tokenizer import get_encoding
+        if getattr(run, "chat_format", "") and run.chat_format != meta["format"]:
+            raise ValueError(f"chat_format='{run.chat_format}' but {run.data_dir} was rendered as "
+                             f"'{meta['format']}': prepare the data again or drop the override")
+        run.chat_format = meta["format"]
+        ChatFormat(meta["format"], get_encoding(meta["tokenizer"])).check_model(
+            model_cfg.vocab_size, model_cfg.padded_vocab_size, where=f"checkpoint {run.init_from}")
+        if meta.get("layout") == "pad" and meta["block_size"] != run.block_size:
+            raise ValueError(f"{run.data_dir} pads conversations to {meta['block_size']} tokens but the model's "
+                             f"context is {run.block_size}: prepare again with --block_size {run.block_size}")
     if meta["vocab_size"] > model_cfg.padded_vocab_size:
         raise ValueError(f"{run.data_dir} uses ids up to {meta['vocab_size'] - 1}, beyond the model's "
                          f"{model_cfg.padded_vocab_size} vocabulary rows")
-    if meta.get("kind") != "sft":
-        return
-    from chat_format import ChatFormat
-    from tokenizer import get_encoding
-    if getattr(run, "chat_format", "") and run.chat_format != meta["format"]:
-        raise ValueError(f"chat_format='{run.chat_format}' but {run.data_dir} was rendered as "
-                         f"'{meta['format']}': prepare the data again or drop the override")
-    run.chat_format = meta["format"]
-    ChatFormat(meta["format"], get_encoding(meta["tokenizer"])).check_model(
-        model_cfg.vocab_size, model_cfg.padded_vocab_size, where=f"checkpoint {run.init_from}")
-    if meta.get("layout") == "pad" and meta["block_size"] != run.block_size:
-        raise ValueError(f"{run.data_dir} pads conversations to {meta['block_size']} tokens but the model's "
-                         f"context is {run.block_size}: prepare again with --block_size {run.block_size}")
 
 
 def resolve_batch(run):

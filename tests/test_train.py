@@ -244,7 +244,7 @@ def test_hessian_refresh_uses_one_micro_batch_and_counts_its_tokens(sample_data_
 
 def test_muon_branch_builds_kernels_muon_and_keeps_each_groups_base_lr(sample_data_dir, tmp_path, monkeypatch):
     """optimizer='muon' constructs kernels/muon.py's Muon (imported lazily, with the agreed signature) and the
-    schedule multiplies each group's own base lr; without the module, a clear error."""
+    schedule multiplies each group's own base lr."""
     import types
     seen = {}
 
@@ -256,9 +256,6 @@ def test_muon_branch_builds_kernels_muon_and_keeps_each_groups_base_lr(sample_da
             super().__init__([{"params": mats, "lr": lr}, {"params": rest, "lr": adamw_lr}], lr=lr)
     run = train.resolve(run_cfg(sample_data_dir, tmp_path, "--optimizer=muon", "--muon_lr=0.05"))
     model = GPT(GPTConfig(**run.model))
-    monkeypatch.setitem(sys.modules, "kernels.muon", None)
-    with pytest.raises(ValueError, match="needs kernels/muon.py"):
-        train.make_optimizer(model, run)
     monkeypatch.setitem(sys.modules, "kernels.muon", types.SimpleNamespace(Muon=FakeMuon))
     opt = train.make_optimizer(model, run)
     assert seen == dict(lr=0.05, adamw_lr=3e-3, momentum=0.95, betas=(0.9, 0.95), weight_decay=0.1)
