@@ -1,9 +1,9 @@
 """
 eval.py — how good is a checkpoint? Zero-shot benchmarks and bits per byte, in one pass.
 
-    python eval.py --ckpt out/gpt2_124m                                   # the core suite + bits per byte
-    python eval.py --ckpt out/tiny --tasks hellaswag,piqa --limit 200     # a quick look
-    python eval.py --ckpt out/gpt2_124m --suite lrc --online              # the LRC card's nine columns
+    python eval.py out/gpt2_124m                                          # the core suite + bits per byte
+    python eval.py out/tiny --tasks hellaswag,piqa --limit 200            # a quick look
+    python eval.py out/gpt2_124m --suite lrc --online                     # the LRC card's nine columns
     python eval.py --compare out/gpt2_124m out/lille_130m                 # side by side (their eval.json)
     python eval.py --compare out/a out/b --suite lrc --reference          # the card's table, one row a run
 
@@ -509,7 +509,9 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="zero-shot benchmarks and bits per byte for a nanoforge checkpoint")
-    p.add_argument("--ckpt", help="run folder (its ckpt.pt) or a .pt file")
+    p.add_argument("checkpoint", nargs="?", help="run folder (its ckpt.pt) or a .pt file, as chat.py and export.py "
+                                                 "take it")
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)  # the same, as a flag: accepted for older command lines
     p.add_argument("--tasks", default=None, help=f"comma-separated, or 'all': {', '.join(TASKS)}")
     p.add_argument("--suite", default=None, help="; ".join(f"{k}: {', '.join(v)}" for k, v in SUITES.items())
                    + " (default core; lrc prints the LRC card's table)")
@@ -528,8 +530,11 @@ def parse_args(argv):
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="print these runs side by side, from their eval.json (evaluated first where missing)")
     args = p.parse_args(argv)
+    if args.checkpoint and args.ckpt and args.checkpoint != args.ckpt:
+        p.error(f"two checkpoints given: {args.checkpoint} and --ckpt {args.ckpt}")
+    args.ckpt = args.checkpoint or args.ckpt
     if not args.ckpt and not args.compare:
-        p.error("give --ckpt RUN or --compare RUN [RUN ...]")
+        p.error("give a checkpoint (eval.py RUN) or --compare RUN [RUN ...]")
     for key in ("limit", "batch_size"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1")

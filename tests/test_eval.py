@@ -358,7 +358,7 @@ def test_lrc_suite_prints_the_card_table_for_each_run(tmp_path, capsys):
     save_tiny_checkpoint(a, 7, 0)
     save_tiny_checkpoint(b, 9, 1)
     common = ["--suite", "lrc", "--data_root", STAND_INS, "--bpb_file", "none", "--device", "cpu"]
-    nf_eval.main(["--ckpt", a] + common)
+    nf_eval.main([a] + common)  # the checkpoint positional, as chat.py and export.py take it
     res = json.load(open(os.path.join(a, "eval.json")))
     assert list(res["tasks"]) == eval_tasks.SUITES["lrc"] and res["suite"] == "lrc" and res["step"] == 7
     assert set(res["tasks"]["mmlu"]["subjects"]) == {"anatomy", "elementary_mathematics"}
