@@ -156,6 +156,15 @@ def launcher(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+def as_rows(t, n):
+    """A 2D (rows, n) view of t with unit stride along its last dimension, as a row-wise kernel addresses it;
+    copies only when no such view exists."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1 and n > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
 class _Interpreted:
     def __init__(self, kernel):
         self.kernel = kernel

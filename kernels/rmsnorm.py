@@ -70,7 +70,7 @@ from typing import Optional
 
 import torch
 
-from kernels import HAS_TRITON, interpreting, launcher, op, use_triton
+from kernels import HAS_TRITON, as_rows, interpreting, launcher, op, use_triton
 
 if HAS_TRITON:
     import triton
@@ -227,14 +227,6 @@ def _bwd_config(M, N, device_index):
     return BLOCK_M, BLOCK_N, num_warps, G
 
 
-def _as_rows(t, N):
-    """A 2D (rows, N) view of t with unit stride along N; copies only when no such view exists."""
-    t2 = t.reshape(-1, N)
-    if t2.stride(-1) != 1 and N > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The operators (kernels/__init__.py's one wiring): each allocates its outputs and launches the kernels
 # ----------------------------------------------------------------------------------------------------------
@@ -245,8 +237,8 @@ def _forward(x, residual, weight, eps, out_dtype):
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     h = None if residual is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
                                                   device=x.device)
-    x2, weight = _as_rows(x, N), weight.contiguous()
-    r2 = x2 if residual is None else _as_rows(residual, N)  # (not read without a residual)
+    x2, weight = as_rows(x, N), weight.contiguous()
+    r2 = x2 if residual is None else as_rows(residual, N)  # (not read without a residual)
     M = x2.shape[0]
     if M > 0:
         BLOCK_M, BLOCK_N, num_warps = _fwd_config(M, N)
@@ -277,8 +269,8 @@ def _rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    x2, dy2, weight = _as_rows(x, N), _as_rows(dy, N), weight.contiguous()
-    dh2 = dy2 if dh is None else _as_rows(dh, N)  # (not read without dh)
+    x2, dy2, weight = as_rows(x, N), as_rows(dy, N), weight.contiguous()
+    dh2 = dy2 if dh is None else as_rows(dh, N)  # (not read without dh)
     M = x2.shape[0]
     if M == 0:
         return dx, dw.zero_()

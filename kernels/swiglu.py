@@ -34,7 +34,7 @@ called from one torch.autograd.Function.
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, launcher, op, use_triton
+from kernels import HAS_TRITON, as_rows, launcher, op, use_triton
 
 if HAS_TRITON:
     import triton
@@ -94,14 +94,6 @@ if HAS_TRITON:
         tl.store(DB + rows * stride_dbm + cols, db.to(DB.dtype.element_ty), mask=mask)
 
 
-def _as_rows(t, F):
-    """A 2D (rows, F) view of t with unit stride along F; copies only when no such view exists."""
-    t2 = t.reshape(-1, F)
-    if t2.stride(-1) != 1 and F > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _grid_config(M, F):
     """Tiles of ~2K elements, 4 warps: 16 elements per thread, two 16-byte bf16 loads per tensor per thread."""
     BLOCK_F = min(triton.next_power_of_2(F), 1024)
@@ -132,7 +124,7 @@ def _swiglu_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     F_ = a.shape[-1]
     c = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     if c.numel() > 0:
-        _fwd(_as_rows(a, F_), _as_rows(b, F_), c.view(-1, F_))
+        _fwd(as_rows(a, F_), as_rows(b, F_), c.view(-1, F_))
     return c
 
 
@@ -142,7 +134,7 @@ def _swiglu_bwd(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[tor
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
     if da.numel() > 0:
-        _bwd(_as_rows(dc, F_), _as_rows(a, F_), _as_rows(b, F_), da.view(-1, F_), db.view(-1, F_))
+        _bwd(as_rows(dc, F_), as_rows(a, F_), as_rows(b, F_), da.view(-1, F_), db.view(-1, F_))
     return da, db
 
 
@@ -151,7 +143,7 @@ def _swiglu_packed_fwd(ab: torch.Tensor) -> torch.Tensor:
     F_ = ab.shape[-1] // 2
     c = torch.empty((*ab.shape[:-1], F_), dtype=ab.dtype, device=ab.device)
     if c.numel() > 0:
-        ab2 = _as_rows(ab, 2 * F_)
+        ab2 = as_rows(ab, 2 * F_)
         _fwd(ab2[:, :F_], ab2[:, F_:], c.view(-1, F_))  # views: row stride 2F, no copies
     return c
 
@@ -161,8 +153,8 @@ def _swiglu_packed_bwd(dc: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     F_ = ab.shape[-1] // 2
     dab = torch.empty(ab.shape, dtype=ab.dtype, device=ab.device)
     if dab.numel() > 0:
-        ab2, dab2 = _as_rows(ab, 2 * F_), dab.view(-1, 2 * F_)
-        _bwd(_as_rows(dc, F_), ab2[:, :F_], ab2[:, F_:], dab2[:, :F_], dab2[:, F_:])  # da, db: the two halves
+        ab2, dab2 = as_rows(ab, 2 * F_), dab.view(-1, 2 * F_)
+        _bwd(as_rows(dc, F_), ab2[:, :F_], ab2[:, F_:], dab2[:, :F_], dab2[:, F_:])  # da, db: the two halves
     return dab
 
 
