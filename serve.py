@@ -156,7 +156,8 @@ def validation_error(e):
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"] if p != "body"]
     # a union (str | list[...]) reports every branch: name the field, not the branch that failed last
-    param = ".".join(p for p in loc if not p.startswith(("str", "list[", "function-")) and p != "literal[False]")
+    branch = ("str", "int", "float", "bool")
+    param = ".".join(p for p in loc if p not in branch and not p.startswith(("list[", "function-", "literal[")))
     if err["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     if err["type"] == "missing":
