@@ -58,9 +58,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
-from chat import load_chat
-from chat_format import FORMATS, ChatFormat
-from checkpoint import HF_PREFIX, pick_device, pick_dtype
+from chat import add_model_args, load_from_args
+from chat_format import ChatFormat
+from checkpoint import HF_PREFIX
 from generation import GenerationConfig, stream
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.html")
@@ -446,17 +446,12 @@ def build_app(model, chat, name, api_key=None, max_queue=64, queue_timeout=60.0)
 # ---- the command line -------------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder (its ckpt.pt), a .pt file, or a Hugging Face folder "
-                                      "(hf:<folder>, or one holding config.json + model.safetensors)")
-    p.add_argument("--format", default=None, help=f"{' | '.join(FORMATS)} (default: the checkpoint's)")
+    add_model_args(p)  # checkpoint, --format, --device, --dtype: as chat.py
     p.add_argument("--name", default=None, help="the model's name in the API (default: the checkpoint's folder)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (set --api_key then)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", default=os.environ.get("NANOFORGE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' (default: $NANOFORGE_API_KEY, else no key)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it) | float32 | bfloat16 | "
-                                                   "float16")
     p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for the model; more: 503")
     p.add_argument("--queue_timeout", type=float, default=60.0, help="seconds a request may wait; longer: 503")
     args = p.parse_args(argv)
@@ -467,9 +462,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device, key="--dtype")  # checked before the (maybe large) checkpoint loads
-    model, chat, _ = load_chat(args.checkpoint, args.format, device, dtype)
+    model, chat, device = load_from_args(args)   # exactly as chat.py loads it
     name = args.name or os.path.basename(os.path.normpath(args.checkpoint.removeprefix(HF_PREFIX)))
     app = build_app(model, chat, name, args.api_key, args.max_queue, args.queue_timeout)
     print(f"serving {args.checkpoint} as '{name}': {model.num_params() / 1e6:.1f}M parameters, format "
