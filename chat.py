@@ -169,11 +169,28 @@ def smoke(model, chat, gen, seed=1337, temperatures=(0.0, 0.8), out=print):
 
 
 # ---- the command line ----------------------------------------------------------------------------------------
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p):
+    """Which model to load, in which format, where and in what precision: chat.py's and serve.py's options."""
     p.add_argument("checkpoint", help="a run folder (its ckpt.pt), a .pt file, or a Hugging Face folder "
                                       "(hf:<folder>, or one holding config.json + model.safetensors)")
     p.add_argument("--format", default=None, help=f"{' | '.join(FORMATS)} (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it) | float32 | bfloat16 | "
+                                                   "float16")
+
+
+def load_from_args(args):
+    """(model, ChatFormat, device) from add_model_args' options; the dtype is checked before the (maybe large)
+    checkpoint loads."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device, key="--dtype")
+    model, chat, _ = load_chat(args.checkpoint, args.format, device, dtype)
+    return model, chat, device
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--context", default=None, help="a text file given to the model as retrieved context")
     p.add_argument("--system", default=None, help="a system prompt")
@@ -187,18 +204,13 @@ def parse_args(argv):
     p.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (no streaming)")
     p.add_argument("--length_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it) | float32 | bfloat16 | "
-                                                   "float16")
     p.add_argument("--smoke", action="store_true", help="run the fixed smoke prompts and print a verdict table")
     return p.parse_args(argv)
 
 
 def main(argv):
     args = parse_args(argv)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device, key="--dtype")  # checked before the (maybe large) checkpoint loads
-    model, chat, cfg = load_chat(args.checkpoint, args.format, device, dtype)
+    model, chat, device = load_from_args(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            repetition_penalty=args.repetition_penalty,
