@@ -15,10 +15,11 @@ import pytest
 import prepare_sft
 import sft
 import train
-from chat_format import ChatFormat, get_encoding
+from chat_format import ChatFormat
 from configurator import configure
 from conftest import TINY_TEST_MODEL
 from shards import list_shards, open_shard
+from tokenizer import get_encoding
 
 GPT2 = get_encoding("gpt2")
 LIME = ChatFormat("lime", GPT2)
