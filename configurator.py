@@ -48,18 +48,20 @@ def read_config_file(path):
             and type(v).__name__ != "module"}
 
 
-def _check_type(key, value, default, source):
+def _check_type(key, value, default, source, declared=None):
+    """value as its default's type; a key whose default is None takes the `declared` type (or anything)."""
+    if default is None and declared is not None and value is not None:
+        default = declared()  # 0, 0.0, '' or False: a stand-in of the declared type
     if default is None or value is None:
         return value
-    if isinstance(default, bool) != isinstance(value, bool):
-        raise ConfigError(f"{source}: {key}={value!r} must be a bool like its default {default!r}")
+    kind = type(default).__name__
+    rule = f"its default {default!r} is a {kind}" if declared is None else f"it must be of type {kind} (or None)"
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
-    if not isinstance(value, type(default)):
-        raise ConfigError(f"{source}: {key}={value!r} is a {type(value).__name__}, "
-                          f"but its default {default!r} is a {type(default).__name__}")
+    if not isinstance(value, type(default)) or isinstance(default, bool) != isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}={value!r} is a {type(value).__name__}, but {rule}")
     return value
 
 
@@ -71,15 +73,16 @@ def _parse_value(text):
         return text
 
 
-def configure(defaults, argv):
-    """Return a copy of `defaults` updated by the preset files and --key=value overrides in argv."""
-    config = dict(defaults)
+def configure(defaults, argv, types=None):
+    """Return a copy of `defaults` updated by the preset files and --key=value overrides in argv. types: key ->
+    type for keys whose default is None (distill.py's student shape: None = the teacher's), checked as others."""
+    config, types = dict(defaults), types or {}
     for arg in argv:
         if not arg.startswith("--"):
             for key, value in read_config_file(arg).items():
                 if key not in config:
                     raise ConfigError(f"{arg}: unknown config key '{key}'")
-                config[key] = _check_type(key, value, defaults[key], arg)
+                config[key] = _check_type(key, value, defaults[key], arg, types.get(key))
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -88,8 +91,9 @@ def configure(defaults, argv):
                 close = [k for k in config if k.startswith(key[:4])]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(f"unknown config key '{key}'{hint}")
-            value = text if isinstance(defaults[key], str) else _parse_value(text)  # paths stay strings
-            config[key] = _check_type(key, value, defaults[key], arg)
+            as_text = isinstance(defaults[key], str) or types.get(key) is str
+            value = text if as_text else _parse_value(text)  # paths stay strings
+            config[key] = _check_type(key, value, defaults[key], arg, types.get(key))
     return config
 
 
@@ -100,13 +104,15 @@ def script_defaults(namespace):
 
 
 def check_values(config, choices, at_least):
-    """Every value against its rule, at start: `choices` key -> allowed values, `at_least` key -> lower bound."""
+    """Every value against its rule, at start: `choices` key -> allowed values, `at_least` key -> lower bound,
+    or (low, high): low <= value < high (a momentum of 1 never forgets, Adam's bias correction divides by 0)."""
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"{key}={config[key]!r}: expected one of {', '.join(map(str, allowed))}")
-    for key, low in at_least.items():
-        if config[key] < low:
-            raise ConfigError(f"{key}={config[key]!r}: must be >= {low}")
+    for key, bound in at_least.items():
+        low, high = bound if isinstance(bound, tuple) else (bound, float("inf"))
+        if not low <= config[key] < high:
+            raise ConfigError(f"{key}={config[key]!r}: must be >= {low}" + (f" and < {high}" if high < 1e300 else ""))
 
 
 # ---- the run: settings, then the facts of the data and of the checkpoint ---------------------------------------
@@ -132,9 +138,11 @@ def resolve(cfg, defaults, model_keys, choices, at_least):
             raise ConfigError(f"{key}={cfg[key]!r}, but {run.data_dir}/meta.json says its shards have {key} "
                               f"{want!r}: drop the setting (the data's is used) or point data_dir elsewhere")
     run.tokenizer, run.model = meta["tokenizer"], {k: cfg[k] for k in model_keys}
+    run.tokenizer_sha256 = check_tokenizer(run.data_dir, meta)
     run.model["vocab_size"] = data_vocab
     if run.init_from != "scratch":
-        run.ckpt_path = checkpoint.find(run.out_dir if run.init_from == "resume" else run.init_from)
+        source = run.out_dir if run.init_from == "resume" else run.init_from
+        run.ckpt_path = source if checkpoint.is_hf_folder(source) else checkpoint.find(source)
         run.ckpt = checkpoint.load(run.ckpt_path)
         check_checkpoint(run, run.ckpt, given)
     run.__dict__.update(run.model)
@@ -144,7 +152,8 @@ def resolve(cfg, defaults, model_keys, choices, at_least):
         raise ConfigError(f"{run.out_dir} already holds a run: continue it with --init_from=resume, or choose "
                           f"another --out_dir (or pass --overwrite=True to replace it)")
     resolve_batch(run)
-    run.config.update(run.model, tokenizer=run.tokenizer, max_iters=run.max_iters, warmup_iters=run.warmup_iters,
+    run.config.update(run.model, tokenizer=run.tokenizer, tokenizer_sha256=run.tokenizer_sha256,
+                      max_iters=run.max_iters, warmup_iters=run.warmup_iters,
                       **({"chat_format": run.chat_format} if hasattr(run, "chat_format") else {}))
     return run
 
@@ -179,6 +188,9 @@ def resolve_batch(run):
             raise ConfigError(f"{run.ckpt_path} holds weights only (a best.pt?): start a run from it with "
                               f"--init_from={run.ckpt_path} instead of resuming")
         run.start_step = run.ckpt["step"]
+        if run.start_step > run.max_iters:  # the loop ends at step == max_iters: it would never come
+            raise ConfigError(f"max_iters={run.max_iters}, but {run.ckpt_path} is already at step {run.start_step}: "
+                              f"nothing is left to train; resume with a larger max_iters (or the run's own)")
         # the inverse of train.first_sample: the saved next window, minus the steps before it
         run.data_offset = run.ckpt["data"]["next_sample"] - run.start_step * run.grad_accum * run.rows_per_micro
 
@@ -205,8 +217,30 @@ def read_meta(data_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: the folder is incomplete (prepare_fineweb.py / prepare_sft.py "
                                 f"write it last; an interrupted prepare leaves none): run the prepare step again")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path}: not valid JSON ({e}): run the prepare step again") from None
+    need = {"tokenizer": str, "vocab_size": int, "eot": int}  # what every reader of a data folder relies on
+    wrong = [k for k, kind in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise ConfigError(f"{path}: {', '.join(wrong)} missing or of the wrong type (expected a JSON object with "
+                          f"tokenizer: a string, vocab_size and eot: integers, as prepare_*.py write it)")
+    return meta
+
+
+def check_tokenizer(data_dir, meta):
+    """The tokenizer meta.json names must load now (not at the end of training) and still be the one that made
+    the shards (its content hash, when meta.json records one). Returns the hash, which the checkpoint keeps."""
+    from tokenizer import check_same, content_hash
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        now = content_hash(meta["tokenizer"])
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"{path} names tokenizer '{meta['tokenizer']}', which cannot be loaded: {e}") from None
+    check_same(meta["tokenizer"], meta.get("tokenizer_sha256"), path, now)
+    return now
 
 
 def check_data(run, meta):
@@ -247,7 +281,34 @@ def check_checkpoint(run, ckpt, given):
     if differ:
         raise ValueError(f"{run.ckpt_path} was trained with another setup than this run asks for: "
                          f"{', '.join(differ)}. Drop those overrides, or start a fresh run in another out_dir")
+    if run.init_from == "resume" and saved.get("optimizer", run.optimizer) != run.optimizer:
+        raise ValueError(f"optimizer={run.optimizer!r}, but {run.ckpt_path} was trained with {saved['optimizer']!r}, "
+                         f"whose state cannot drive another optimizer: resume with --optimizer={saved['optimizer']}, "
+                         f"or start a new run from its weights (--init_from={run.ckpt_path}, another out_dir)")
     run.model = {k: saved[k] for k in run.model_keys if k in saved}
     if saved.get("tokenizer") and saved["tokenizer"] != run.tokenizer:
         raise ValueError(f"tokenizer mismatch: the checkpoint {run.ckpt_path} was trained with "
                          f"'{saved['tokenizer']}' but {run.data_dir} was tokenized with '{run.tokenizer}'")
+    from tokenizer import check_same
+    check_same(run.tokenizer, saved.get("tokenizer_sha256"), run.ckpt_path, run.tokenizer_sha256)
+
+
+# ---- the other end of a command line: an expected error is one line ---------------------------------------------
+EXPECTED = (ValueError, OSError, FloatingPointError)  # bad input, missing/unwritable files, a full disk, divergence
+
+
+def run_script(main, argv, expected=()):
+    """Every script's `if __name__ == "__main__"`: main(argv), with an expected error (above, plus `expected`)
+    turned into one line naming what is wrong and exit status 1, and Ctrl-C into exit 130 without a traceback.
+    Anything else is a bug in nanoforge, and keeps its traceback."""
+    import errno
+    import sys
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    except EXPECTED + tuple(expected) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            sys.exit(f"error: no space left on the device{where}: free some disk space, then resume")
+        sys.exit(f"error: {e}" if str(e) else f"error: {type(e).__name__}")

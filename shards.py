@@ -139,7 +139,7 @@ def list_shards(data_dir, split):
 # at step s, or splitting a step over ranks, reads exactly the windows an uninterrupted single process would.
 def n_windows(n_tokens, block_size):
     """Training windows in a shard of n_tokens: block_size inputs + the next token as the last target."""
-    return (n_tokens - 1) // block_size
+    return max(0, n_tokens - 1) // block_size
 
 
 class TokenWindows:
@@ -147,6 +147,10 @@ class TokenWindows:
         self.shards = [open_shard(p, vocab_size) for p in list_shards(data_dir, split)]
         self.first = np.cumsum([0] + [n_windows(info["n_tokens"], block_size) for _, _, info in self.shards])  # starts
         self.n, self.block_size, self.seed, self.shuffle = int(self.first[-1]), block_size, seed, shuffle
+        if self.n == 0:  # every window needs block_size + 1 tokens of one shard
+            tokens = sum(info["n_tokens"] for _, _, info in self.shards)
+            raise ShardError(f"{data_dir}: the {split} split ({tokens:,} tokens in {len(self.shards)} shard(s)) holds no "
+                             f"window of block_size + 1 = {block_size + 1} tokens: use more data or a smaller block_size")
         self._perm_epoch = self._perm = None
 
     def window_index(self, g):

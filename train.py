@@ -97,7 +97,10 @@ CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
-            "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0}
+            "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0,
+            "lr_decay_iters": 0, "poly_power": 0.0, "wsd_decay_frac": 0.0, "warmup_frac": (0.0, 1.0),
+            "weight_decay": 0.0, "sophia_rho": 0.0, "muon_lr": 0.0, "peak_flops": 0.0, "seed": 0,
+            "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0)}  # (low, high): low <= v < high
 
 
 def resolve(cfg):
@@ -239,6 +242,8 @@ def train(cfg, model=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     os.makedirs(run.out_dir, exist_ok=True)
     lock = checkpoint.lock_run_folder(run.out_dir) if run.master else None  # one run per folder
+    if run.master:
+        checkpoint.remove_stale_temporaries(run.out_dir)  # a killed save's leftovers: the lock says they are dead
     try:
         torch.manual_seed(run.seed)  # the same initial weights on every rank and in every rerun
         want = GPTConfig(**run.model)
@@ -246,7 +251,7 @@ def train(cfg, model=None):
         if raw_model.config != want:
             raise ValueError(f"the model handed to train() is {raw_model.config}, the run asks for {run.model}")
         if run.ckpt is not None:
-            raw_model.load_state_dict(run.ckpt["model"])
+            checkpoint.load_weights(raw_model, run.ckpt, run.ckpt_path)
         model = raw_model.to(run.device)  # `model` is what runs (maybe compiled, DDP-wrapped); raw_model is saved
         if run.compile and run.device.type == "cuda":
             model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
@@ -396,11 +401,10 @@ def leave():
 
 def main(defaults, argv, prepare=None):
     """The command line of train.py and sft.py: a named error is one line and exit 1, never a traceback."""
-    try:
+    def start(argv):
         cfg = configure(defaults, argv)
         train(prepare(cfg) if prepare else cfg)
-    except (ValueError, FloatingPointError, OSError) as e:  # OSError: FileNotFoundError too
-        sys.exit(f"error: {e}")
+    configurator.run_script(start, argv)
     leave()
 
 
