@@ -170,11 +170,12 @@ def load_model(path, device="cpu"):
 
 
 # ---- writing one ---------------------------------------------------------------------------------------------
-def save_run(out_dir, model, optimizer, step, best_val, config, next_sample, device, best):
-    """ckpt.pt: everything a resumed run needs to continue the same loss sequence (weights, optimizer state
-    including Sophia's Hessian, step, the next data sample, RNG states, the resolved config); and when `best`,
-    best.pt: the weights alone (what to fine-tune or chat with). Returns ckpt.pt's path."""
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+def save_run(out_dir, weights, optimizer_state, step, best_val, config, next_sample, device, best):
+    """ckpt.pt: everything a resumed run needs to continue the same loss sequence (weights and optimizer state as
+    one process's state_dict()s, whatever the parallelism: parallel.full_state; Sophia's Hessian too; step, the
+    next data sample, RNG states, the resolved config); and when `best`, best.pt: the weights alone (what to
+    fine-tune or chat with). Returns ckpt.pt's path."""
+    payload = {"model": weights, "optimizer": optimizer_state, "step": step,
                "best_val_loss": best_val, "config": config, "data": {"next_sample": next_sample},
                "rng": {"cpu": torch.get_rng_state(),
                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
@@ -385,12 +386,13 @@ def _plot_losses(out_dir):
         plt.close(fig)
 
 
-def restore_training_state(ckpt, optimizer, device):
+def restore_training_state(ckpt, optimizer, device, load=None):
     """What a resumed run needs besides the weights: the optimizer's state and the RNG states, so the next steps
     are the ones the uninterrupted run would have taken. The lr is this run's: each group keeps the base_lr the
-    optimizer was just built with, not the saved one (a resume may change learning_rate on purpose)."""
+    optimizer was just built with, not the saved one (a resume may change learning_rate on purpose).
+    load: how the optimizer takes its state (optimizer.load_state_dict; FSDP's in parallel.py)."""
     bases = [g["base_lr"] for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
+    (load or optimizer.load_state_dict)(ckpt["optimizer"])
     for group, base in zip(optimizer.param_groups, bases):
         group["base_lr"] = base
     torch.set_rng_state(ckpt["rng"]["cpu"])

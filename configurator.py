@@ -178,6 +178,9 @@ def resolve_batch(run):
         run.max_iters = max(1, int(run.epochs * run.train_windows * run.block_size / run.tokens_per_step))
     if run.max_iters < 1:
         raise ConfigError(f"max_iters={run.max_iters}: must be >= 1 (or set epochs > 0)")
+    if getattr(run, "profile_steps", 0) >= run.max_iters:
+        raise ConfigError(f"profile_steps={run.profile_steps} must be < max_iters={run.max_iters}: the profile "
+                          f"records the run's last steps, after compilation and warm-up")
     if run.warmup_frac > 0:
         run.warmup_iters = int(run.warmup_frac * run.max_iters)
     # Where the data stands: step s reads samples data_offset + s * samples_per_step + ... A resumed run

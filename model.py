@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
 from kernels.cross_entropy import linear_cross_entropy
@@ -259,6 +260,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
+        self.checkpoint_blocks = 0  # the first N Blocks recompute their activations in the backward (parallel.py)
         # GPT-2's trick: each residual branch ends in a projection scaled by 1/sqrt(2 n_layer), so the residual
         # stream's variance does not grow with depth at initialisation.
         for name, p in self.named_parameters():
@@ -322,7 +324,10 @@ class GPT(nn.Module):
                 x = x * math.sqrt(self.config.n_embd) + self.pe[pos].to(x.dtype)
         branch = None  # each block hands on its MLP output unadded: the next norm fuses the add
         for layer, block in enumerate(self.blocks):
-            x, branch = block(x, branch, rope_cos_sin, cache, layer, doc_mask)
+            if layer < self.checkpoint_blocks and torch.is_grad_enabled():  # keep the input, recompute the rest
+                x, branch = checkpoint(block, x, branch, rope_cos_sin, cache, layer, doc_mask, use_reentrant=False)
+            else:
+                x, branch = block(x, branch, rope_cos_sin, cache, layer, doc_mask)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x) if branch is None else self.ln_f(x, branch)[1]  # the last residual add, fused
@@ -387,6 +392,11 @@ def describe(config):
 
 if __name__ == "__main__":
     from configurator import read_config_file
-    if len(sys.argv) != 2:
-        sys.exit("usage: python model.py config/<preset>.py")
-    print(describe(GPTConfig.from_dict(read_config_file(sys.argv[1]))))
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--memory"]):
+        sys.exit("usage: python model.py config/<preset>.py [--memory]")
+    preset = read_config_file(sys.argv[1])
+    print(describe(GPTConfig.from_dict(preset)))
+    if "--memory" in sys.argv:  # what each parallel setting needs a GPU (parallel.py)
+        from parallel import memory_table
+        print("\n" + memory_table(GPTConfig.from_dict(preset), preset.get("batch_size", 16),
+                                  optimizer=preset.get("optimizer", "adamw")))

@@ -33,10 +33,10 @@ from dataclasses import fields
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
+import parallel as parallel_  # the module; `parallel` is the setting below
 from configurator import configure, script_defaults
 from model import GPT, GPTConfig, weight_decayed
 from shards import TokenWindows  # the data: fixed windows of the shards, a pure function of (seed, sample)
@@ -86,21 +86,25 @@ wsd_decay_frac = 0.2                # 'wsd': the last 20% of steps decay linearl
 # system
 device = "auto"                     # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
 dtype = "auto"                      # 'auto' (bf16 autocast on a GPU that has it, else fp32) | 'bfloat16' | 'float32'
+parallel = "ddp"                    # torchrun's processes: 'ddp' (each holds the whole model) | 'fsdp' (parallel.py)
+activation_checkpointing = "none"   # 'none' | 'blocks' | N: recompute Block activations in the backward (parallel.py)
 compile = True                      # torch.compile the model (ignored on CPU: compile time would dominate)
 compile_mode = "default"            # 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune-no-cudagraphs'
 kernels_backend = os.environ.get("NANOFORGE_KERNELS", "auto")  # 'auto' | 'triton' | 'torch' (+ ',name=choice')
 peak_flops = 0.0                    # the GPU's dense bf16 peak for MFU; 0 = checkpoint.GPU_PEAK_FLOPS's entry
+profile_steps = 0                   # > 0: profile the run's last N steps, phase by phase (bench/step_profile.py)
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 DEFAULTS = {**{f.name: f.default for f in fields(GPTConfig)}, **script_defaults(globals())}
 # Checked at start, so a bad value fails now and not on the step that first uses it.
 CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("adamw", "sophia", "muon"),
+           "parallel": parallel_.PARALLEL,
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
             "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0,
-            "lr_decay_iters": 0, "poly_power": 0.0, "wsd_decay_frac": 0.0, "warmup_frac": (0.0, 1.0),
-            "weight_decay": 0.0, "sophia_rho": 0.0, "muon_lr": 0.0, "peak_flops": 0.0, "seed": 0,
-            "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0)}  # (low, high): low <= v < high
+            "profile_steps": 0, "lr_decay_iters": 0, "poly_power": 0.0, "wsd_decay_frac": 0.0,
+            "warmup_frac": (0.0, 1.0), "weight_decay": 0.0, "sophia_rho": 0.0, "muon_lr": 0.0, "peak_flops": 0.0,
+            "seed": 0, "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0)}  # (lo, hi): lo <= v < hi
 
 
 def resolve(cfg):
@@ -160,6 +164,11 @@ def first_sample(run, step, micro=0):
     return run.data_offset + (step * run.grad_accum + micro) * run.rows_per_micro
 
 
+def phase(name):
+    """Marks a part of the step for the profiler (--profile_steps, bench/step_profile.py); nearly free otherwise."""
+    return torch.profiler.record_function("phase:" + name)
+
+
 def hessian_estimator(model, raw_model, data, run):
     """Sophia's curvature sample (Gauss-Newton-Bartlett): the gradient of the loss on labels *sampled from the
     model's own softmax*, squared, estimates the Gauss-Newton diagonal. One micro-batch per process (the step's
@@ -169,15 +178,17 @@ def hessian_estimator(model, raw_model, data, run):
     from kernels.sophia import sampled_label_loss
 
     def estimate(step):
-        first = first_sample(run, step)
-        x, y, starts = data.batch(first + run.rank * run.batch_size, run.batch_size, run.device, run.doc_mask)
-        label_gen = torch.Generator(device=run.device).manual_seed((run.seed * 1_000_003 + step) * run.world + run.rank)
-        with run.autocast:
-            logits, _ = model(x, doc_starts=starts)
-        sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()  # SFT: trained tokens only
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
-        all_y = data.batch(first, run.rows_per_micro, torch.device("cpu"))[1]  # every rank's rows, on the host
-        return int((all_y != -1).sum())
+        with phase("sophia_refresh"):
+            first = first_sample(run, step)
+            x, y, starts = data.batch(first + run.rank * run.batch_size, run.batch_size, run.device, run.doc_mask)
+            seed = (run.seed * 1_000_003 + step) * run.world + run.rank
+            label_gen = torch.Generator(device=run.device).manual_seed(seed)
+            with run.autocast:
+                logits, _ = model(x, doc_starts=starts)
+            sampled_label_loss(logits, loss_mask=y != -1, generator=label_gen).backward()  # SFT: trained tokens
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
+            all_y = data.batch(first, run.rows_per_micro, torch.device("cpu"))[1]  # every rank's rows, on the host
+            return int((all_y != -1).sum())
     return estimate
 
 
@@ -188,11 +199,15 @@ def evaluate(model, data, run):
     whatever the number of processes (rank r takes every world-th batch), so 1 or N GPUs report comparable numbers."""
     model.eval()
     total, n_windows = torch.zeros(2, device=run.device), run.eval_iters * run.batch_size
-    for first in range(run.rank * run.batch_size, n_windows, run.world * run.batch_size):
+    turns = -(-run.eval_iters // run.world)  # every rank runs as many forwards (FSDP's gathers are collective)
+    for turn in range(turns):
+        first = (turn * run.world + run.rank) * run.batch_size
+        counts = first < n_windows  # a rank past the end repeats the first batch and adds nothing
+        first = first if counts else 0
         x, y, starts = data.batch(first, min(run.batch_size, n_windows - first), run.device, run.doc_mask)
         with run.autocast:
             _, loss = model(x, y, doc_starts=starts)
-        n = (y != -1).sum()  # SFT: only trained targets count
+        n = (y != -1).sum() * counts  # SFT: only trained targets count
         total += torch.stack([loss.float() * n, n.float()])
     if run.ddp:
         dist.all_reduce(total)
@@ -214,13 +229,14 @@ def bytes_per_token(data, run):
         return None
 
 
-def check_finite(run, step, first_bad, raw_model=None):
+def check_finite(run, step, first_bad, weights=None):
     """The NaN guard, acted on where the host looks anyway (log points) and before every save: first_bad is the
-    first step whose loss or gradient norm was not finite (-1: none), kept on the device; with raw_model, the
-    weights are checked too (a finite gradient can still overflow them). Nothing non-finite is ever saved, so
+    first step whose loss or gradient norm was not finite (-1: none), kept on the device; with weights (the state_dict about to be saved),
+    they are checked too (a finite gradient can still overflow them). Nothing non-finite is ever saved, so
     the checkpoint named here is a good one."""
     bad = int(first_bad)
-    if bad >= 0 or (raw_model is not None and not all(p.isfinite().all() for p in raw_model.parameters())):
+    if bad >= 0 or (weights is not None and not all(t.isfinite().all() for t in weights.values()
+                                                     if t.is_floating_point())):
         what = f"loss or gradient norm at step {bad + 1}" if bad >= 0 else f"weights at step {step}"
         where = f"the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]}, finite)" \
             if run.last_good else "there is no checkpoint of this run yet"
@@ -235,8 +251,9 @@ def train(cfg, model=None):
     model: a module built by the caller instead of GPT(run's architecture) -- distill.py's LRC student. It must
     carry the same GPTConfig (it is checked) and GPT's contract: (logits, loss) = model(x, y, doc_starts=...)."""
     run = resolve(cfg)
-    if run.ddp:  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK; NCCL between GPUs, gloo between CPU processes
-        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+    parallel_.check(run)
+    parallel_.checkpointed_blocks(run, run.n_layer)  # a bad setting is named now, not after allocating
+    parallel_.init(run)  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK
     if run.device.type == "cuda":
         torch.cuda.set_device(run.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -252,18 +269,16 @@ def train(cfg, model=None):
             raise ValueError(f"the model handed to train() is {raw_model.config}, the run asks for {run.model}")
         if run.ckpt is not None:
             checkpoint.load_weights(raw_model, run.ckpt, run.ckpt_path)
-        model = raw_model.to(run.device)  # `model` is what runs (maybe compiled, DDP-wrapped); raw_model is saved
-        if run.compile and run.device.type == "cuda":
-            model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
-        if run.ddp:
-            model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        # `model` is what runs (compiled, DDP-wrapped or FSDP-sharded); raw_model's names are what is saved
+        model = parallel_.wrap(raw_model.to(run.device), run)
         rows = raw_model.config.padded_vocab_size
         train_data = TokenWindows(run.data_dir, "train", run.block_size, rows, run.seed, shuffle=True)
         val_data = TokenWindows(run.data_dir, "val", run.block_size, rows, run.seed, shuffle=False)
         optimizer = make_optimizer(raw_model, run, hessian_estimator(model, raw_model, train_data, run))
         run.best_val, run.last_good, run.metrics, run.bytes_per_token = float("inf"), None, None, None
         if run.resumed:
-            checkpoint.restore_training_state(run.ckpt, optimizer, run.device)
+            checkpoint.restore_training_state(run.ckpt, optimizer, run.device, load=lambda state: (
+                parallel_.load_optimizer_state(raw_model, optimizer, state, run)))
             run.best_val, run.last_good = run.ckpt["best_val_loss"], (run.ckpt_path, run.start_step)
         if run.master:
             print(f"{'resumed' if run.resumed else 'initialised'} from {run.ckpt_path} (step {run.ckpt['step']}); "
@@ -271,16 +286,20 @@ def train(cfg, model=None):
             print(f"{run.world} process(es) on {run.device}, micro-batch {run.batch_size} x {run.block_size}, "
                   f"grad_accum {run.grad_accum}: {run.tokens_per_step:,} tokens/step, {run.max_iters} steps; "
                   f"{raw_model.num_params():,} parameters, {raw_model.flops_per_token() / 1e9:.3f} GFLOP/token")
+            if getattr(raw_model, "checkpoint_blocks", 0):  # recomputing a Block's forward costs about a third more
+                share = raw_model.checkpoint_blocks / run.n_layer
+                print(f"activation checkpointing: {raw_model.checkpoint_blocks} of {run.n_layer} blocks recompute their "
+                      f"forward in the backward (about +{100 * share / 3:.0f}% compute)")
             run.metrics = checkpoint.open_metrics(run.out_dir, run.start_step if run.resumed else None, run.config)
             run.bytes_per_token = bytes_per_token(val_data, run)
         run.ckpt = None  # the weights live in the model now: free the CPU copy
         stopped_by = loop(run, model, raw_model, optimizer, train_data, val_data)
-        if run.ddp:  # the ranks reach teardown together (rank 0 may still be saving)
+        if dist.is_initialized():  # the ranks reach teardown together (rank 0 may still be saving)
             dist.barrier()
     finally:
         if run.master:
             checkpoint.plot_losses(run.out_dir)
-        if run.ddp and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
         if lock is not None:
             lock.close()
@@ -300,23 +319,31 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     peak = (run.peak_flops or checkpoint.peak_flops(run.device)) * run.world
     flops_per_token = raw_model.flops_per_token()
     t0, timed = time.time(), 0  # wall-clock since the last log point, and the steps it covers
+    profiler = None
+    if run.profile_steps:  # the run's last steps, once everything is compiled and warm
+        from bench.step_profile import LoopProfiler
+        profiler = LoopProfiler(run.max_iters - run.profile_steps, run.profile_steps, run.out_dir, run.device)
     try:
         while True:
+            if profiler and run.master:
+                profiler.at_step(step)
             last_step = step == run.max_iters or stopping  # the end, or a signal: evaluate, save, leave
             # ---- evaluate + checkpoint (a resumed run's first step was evaluated before it was saved) ----
             if (step % run.eval_interval == 0 or last_step) and not (step == run.start_step and run.resumed):
                 check_finite(run, step, first_bad)
-                val = evaluate(model.module if run.ddp else model, val_data, run)  # no DDP hooks in evaluation
+                val = evaluate(parallel_.for_evaluation(model), val_data, run)
                 bpb = val / math.log(2) / run.bytes_per_token if run.bytes_per_token else float("nan")
                 log(run, f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}",
                     {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step * run.tokens_per_step})
-                if run.master and run.save_checkpoints and step > run.start_step:
-                    check_finite(run, step, first_bad, raw_model)
-                    run.best_val = min(run.best_val, val)
-                    next_sample = first_sample(run, step)
-                    path = checkpoint.save_run(run.out_dir, raw_model, optimizer, step, run.best_val, run.config,
-                                               next_sample, run.device, best=val <= run.best_val)
-                    run.last_good = (path, step)
+                if run.save_checkpoints and step > run.start_step:
+                    weights, optimizer_state = parallel_.full_state(model, raw_model, optimizer, run)  # all ranks
+                    if run.master:
+                        check_finite(run, step, first_bad, weights)
+                        run.best_val = min(run.best_val, val)
+                        next_sample = first_sample(run, step)
+                        path = checkpoint.save_run(run.out_dir, weights, optimizer_state, step, run.best_val,
+                                                   run.config, next_sample, run.device, best=val <= run.best_val)
+                        run.last_good = (path, step)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
@@ -327,28 +354,32 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
             loss_sum = torch.zeros((), device=run.device)  # summed on the device, read at log points only
             for micro in range(run.grad_accum):
                 run.new_graph_step()  # reduce-overhead: the next CUDA-graph replay may reuse the last outputs
-                first = first_sample(run, step, micro)
-                x, y, starts = train_data.batch(first + run.rank * run.batch_size, run.batch_size, run.device,
-                                                run.doc_mask)
-                # DDP all-reduces gradients during backward; only the last micro-step needs it
-                with model.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
+                with phase("data"):
+                    first = first_sample(run, step, micro) + run.rank * run.batch_size
+                    x, y, starts = train_data.batch(first, run.batch_size, run.device, run.doc_mask)
+                # gradients are averaged across processes during the backward of the last micro-step only
+                with phase("forward_backward"), parallel_.accumulating(model, micro == run.grad_accum - 1):
                     with run.autocast:
                         _, loss = model(x, y, doc_starts=starts)
                     (loss / run.grad_accum).backward()
-                loss_sum += loss.detach()  # detached: the log must not keep the graph alive
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
-            ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
-            first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
-            optimizer.step()  # Sophia refreshes its Hessian inside, when due (kernels/sophia.py)
-            optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
+                    loss_sum += loss.detach()  # detached: the log must not keep the graph alive
+            with phase("clip"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.grad_clip or float("inf"))
+                grad_norm = parallel_.plain(grad_norm)  # FSDP: a DTensor
+                ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # on the device: no sync here
+                first_bad = torch.where(ok | (first_bad >= 0), first_bad, step)
+            with phase("optimizer"):
+                optimizer.step()  # Sophia refreshes its Hessian inside, when due (kernels/sophia.py)
+                optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes, not adds
             step, timed = step + 1, timed + 1
             if step % run.log_interval == 0 or step == 1 or step == run.max_iters:  # the host looks, and syncs
-                if run.ddp:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                check_finite(run, step, first_bad)
-                dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
-                log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
-                         peak, flops_per_token)
+                with phase("log"):
+                    if run.ddp:
+                        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                    check_finite(run, step, first_bad)
+                    dt, t0, timed = (time.time() - t0) / timed, time.time(), 0
+                    log_step(run, step, optimizer, loss_sum.item() / run.grad_accum, grad_norm.item(), factor, dt,
+                             peak, flops_per_token)
                 if run.ddp:  # every rank must agree to stop, or the others hang in the next all-reduce
                     flag = torch.tensor(float(bool(received)), device=run.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -357,6 +388,8 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        if profiler:
+            profiler.at_step(run.max_iters)  # the window ends with the run (also when it ends early)
     if stopping:
         signum = received[0] if received else signal.SIGTERM  # under DDP another rank may have got it
         log(run, f"stopped by signal {signum} at step {step}; " + (f"checkpoint written to {run.out_dir}/ckpt.pt; "

@@ -19,18 +19,28 @@ GPU exactly what real ones do; the loss is meaningless here, and nothing else is
 Where a preset does not fit the GPU or the time, --layers runs it with fewer layers (the same widths, so each
 layer costs what it costs in the full model): those rows say so in the `layers` column.
 
-Writes bench/results/e2e.md (a table with the auto/torch and gpt2/nanoGPT ratios) and bench/results/e2e.json:
-{"gpu", "date", "commit", "rows": [{"preset", "kernels", "tok_s", "mfu", "mem_gib", "layers"}]}.
+Each run also profiles its last --profile_steps steps (train.py --profile_steps, bench/step_profile.py): host and
+GPU milliseconds per phase of the step, how busy the GPU was and how often the host waited for it. The timed steps
+come before those, so profiling never slows a number in the table; the profile tables follow it.
+
+Writes bench/results/e2e.md (a table with the auto/torch and gpt2/nanoGPT ratios, then the profiles) and
+bench/results/e2e.json: {"gpu", "date", "commit", "rows": [{"preset", "kernels", "tok_s", "mfu", "mem_gib",
+"layers", "accum", "profile"}]}.
 
     python bench/e2e.py                                    # every preset, auto and torch, 30 steps each
-    python bench/e2e.py --presets gpt2_124m,lille_130m --nanogpt .carry/nanogpt --compile_mode reduce-overhead
-    python bench/e2e.py --layers lrc_1p5b=8,lime_1b=16     # fewer layers where memory or time requires
+    python bench/e2e.py --presets lille_130m,gpt2_124m --nanogpt .carry/nanogpt --max_accum 8
+    python bench/e2e.py --presets lime_1b,lrc_1p5b --layers lime_1b=8,lrc_1p5b=6 --max_accum 2 --results e2e_1b
+    python bench/e2e.py --presets lille_130m --backends auto --compile_mode reduce-overhead --results e2e_graphs
+
+--max_accum caps the micro-batches a step (gpt2_124m's preset takes 32 on one GPU: 8 give the same tokens/s to
+within the optimizer step's share, in a quarter of the time); the `accum` column says what each row ran.
 """
 import argparse
 import datetime
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,8 +58,14 @@ from shards import write_shard  # noqa: E402
 # ---- settings (flags override) ---------------------------------------------------------------------------------
 PRESETS = ["gpt2_124m", "lille_130m", "parchment_166m", "lime_1b", "auto_g_nano_1b", "lrc_1p5b"]
 BACKENDS = ["auto", "torch"]
+# Also run, for these presets: lille_130m trains with Sophia, whose fused step is a kernel of ours too, so the twins
+# with only that kernel show how much of 'auto' over 'torch' is the optimizer and how much the model's kernels.
+EXTRA_BACKENDS = {"lille_130m": ["torch,sophia=triton"]}
 STEPS = 30                 # optimizer steps per run; tokens/s is the median over the logged steps past STEPS / 2
 LOG_EVERY = 3              # train.py's log_interval: a log point syncs with the GPU, so not every step
+PROFILE_STEPS = 4          # then this many more steps under torch.profiler (train.py --profile_steps): the table
+                           # of where each run's step goes (bench/step_profile.py); they are not in tokens/s
+MAX_ACCUM = 0              # > 0: at most this many micro-batches a step (fewer than the preset's), to fit the time
 TIMEOUT_S = 900            # one run (compile included) that takes longer is recorded as failed, and the next starts
 TOKENS_PER_VOCAB = 8_000_000  # random tokens per data folder; the loader wraps around, so more are not needed
 # The end-of-text id of each tokenizer the presets name (written into meta.json, as prepare_fineweb.py does)
@@ -77,12 +93,22 @@ def synthetic_data(root, tokenizer, vocab_size):
 
 
 # ---- one training run, as a user runs it ------------------------------------------------------------------------
-def train_command(preset, backend, data_dir, out_dir, steps, layers, compile_mode):
+def accumulation(cfg, max_accum):
+    """The preset's micro-batches per step on one GPU, capped at max_accum (0: no cap)."""
+    accum = max(1, cfg.get("total_batch_tokens", 524288) // (cfg.get("batch_size", 16) * cfg.get("block_size", 1024)))
+    return min(accum, max_accum) if max_accum else accum
+
+
+def train_command(preset, backend, data_dir, out_dir, steps, layers, compile_mode, accum=0, profile_steps=0):
     cmd = [sys.executable, "train.py", f"config/{preset}.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
-           f"--kernels_backend={backend}", f"--max_iters={steps}", f"--log_interval={LOG_EVERY}",
+           f"--kernels_backend={backend}", f"--max_iters={steps + profile_steps}", f"--log_interval={LOG_EVERY}",
            f"--eval_interval={10 * steps}", "--eval_iters=1", "--save_checkpoints=False", "--warmup_iters=10"]
     if layers:
         cmd.append(f"--n_layer={layers}")
+    if accum:
+        cmd.append(f"--gradient_accumulation_steps={accum}")
+    if profile_steps:
+        cmd.append(f"--profile_steps={profile_steps}")
     if compile_mode:
         cmd.append(f"--compile_mode={compile_mode}")
     return cmd
@@ -92,7 +118,7 @@ def read_metrics(path, steps):
     """(tok_s, mfu, mem_gib) from a run's metrics.jsonl: medians of the logged steps in the second half of the
     run (the first half holds compilation and warm-up), and the peak memory."""
     rows = [json.loads(line) for line in open(path)]
-    timed = [r for r in rows if "tok_s" in r and r["step"] > steps // 2]
+    timed = [r for r in rows if "tok_s" in r and steps // 2 < r["step"] <= steps]  # not the profiled steps
     if not timed:
         raise ValueError(f"{path}: no logged training step past step {steps // 2}")
     return (statistics.median(r["tok_s"] for r in timed), statistics.median(r["mfu"] for r in timed),
@@ -120,21 +146,29 @@ def run_logged(cmd, log_path, cwd, timeout):
 def time_preset(preset, backend, data_dir, work, args):
     """One row: train the preset, read its metrics; a failure is a row with tok_s None and the log's last line."""
     layers = args.layers.get(preset)
-    out_dir = os.path.join(work, f"{preset}_{backend}")
-    log_path = os.path.join(args.logs, f"e2e_{preset}_{backend}.log")
-    cmd = train_command(preset, backend, data_dir, out_dir, args.steps, layers, args.compile_mode)
+    cfg = read_config_file(os.path.join(ROOT, "config", f"{preset}.py"))
+    accum = accumulation(cfg, getattr(args, "max_accum", 0))
+    name = f"{preset}_{backend.replace(',', '+').replace('=', '-')}"
+    out_dir = os.path.join(work, name)
+    log_path = os.path.join(args.logs, f"e2e_{name}.log")
+    profile_steps = getattr(args, "profile_steps", 0)
+    cmd = train_command(preset, backend, data_dir, out_dir, args.steps, layers, args.compile_mode, accum,
+                        profile_steps)
     print(f"== {preset} kernels={backend}{f' layers={layers}' if layers else ''}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     status = run_logged(cmd, log_path, ROOT, args.timeout)
     row = {"preset": preset, "kernels": backend, "tok_s": None, "mfu": None, "mem_gib": None,
-           "layers": layers or read_config_file(os.path.join(ROOT, "config", f"{preset}.py")).get("n_layer", 12)}
+           "layers": layers or cfg.get("n_layer", 12), "accum": accum}
     try:
         if status != 0:
             raise RuntimeError(f"train.py exited with status {status} (log: {log_path})")
         row["tok_s"], row["mfu"], row["mem_gib"] = read_metrics(os.path.join(out_dir, "metrics.jsonl"), args.steps)
+        if profile_steps and os.path.exists(os.path.join(out_dir, "profile.json")):
+            row["profile"] = json.load(open(os.path.join(out_dir, "profile.json")))
+            shutil.copy(os.path.join(out_dir, "profile_trace.json"), os.path.join(args.logs, f"e2e_{name}_trace.json"))
     except Exception as e:  # keep going: the other rows are still worth having
         row["error"] = str(e)
-    print(f"   -> {row} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"   -> {({k: v for k, v in row.items() if k != 'profile'})} ({time.time() - t0:.0f} s)", flush=True)
     return row
 
 
@@ -175,35 +209,56 @@ def write_report(rows, stamp, args):
              + (f" · compile_mode={args.compile_mode}" if args.compile_mode else ""), "",
              "`python train.py config/<preset>.py --kernels_backend=<kernels>` on random tokens, each preset at its "
              "own micro-batch and gradient accumulation. Rows marked * ran with fewer layers than the preset.", "",
-             "| preset | layers | kernels | tokens/s | MFU | peak mem GiB | vs torch | vs nanoGPT |", "|---|---|---|---|---|---|---|---|"]
+             "| preset | layers | accum | kernels | tokens/s | MFU | peak mem GiB | vs torch | vs nanoGPT |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         torch_row, nano_row = by.get((r["preset"], "torch")), by.get(("gpt2_124m", "nanogpt"))
         ratio = lambda other: f"{r['tok_s'] / other['tok_s']:.3f}x" if r["tok_s"] and other and other["tok_s"] \
             and other is not r else ""
         layers = f"{r['layers']}{' *' if r['layers'] != full.get(r['preset'], r['layers']) else ''}"
+        if r.get("commit", stamp["commit"]) != stamp["commit"] or r.get("gpu", stamp["gpu"]) != stamp["gpu"]:
+            layers += f" ({r['gpu']}, {r['date']}, {r['commit']})"  # a row kept from an earlier run
         tok = f"{r['tok_s']:,.0f}" if r["tok_s"] else f"failed: {r.get('error', '')[:80]}"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else ""
         mem = f"{r['mem_gib']:.1f}" if r["mem_gib"] else ""
         vs_nano = ratio(nano_row) if r["preset"] == "gpt2_124m" and r["kernels"] != "nanogpt" else ""
-        lines.append(f"| {r['preset']} | {layers} | {r['kernels']} | {tok} | {mfu} | {mem} | "
-                     f"{ratio(torch_row) if r['kernels'] == 'auto' else ''} | {vs_nano} |")
+        lines.append(f"| {r['preset']} | {layers} | {r.get('accum', '')} | {r['kernels']} | {tok} | {mfu} | {mem} | "
+                     f"{ratio(torch_row) if r['kernels'] != 'torch' else ''} | {vs_nano} |")
+    for r in rows:  # where each step goes (train.py --profile_steps)
+        if r.get("profile"):
+            from bench.step_profile import table
+            lines += ["", f"### {r['preset']}, kernels={r['kernels']}: the profiled steps", "", table(r["profile"])]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS_DIR, f"{args.results}.md"), "w") as f:
         f.write(text)
     print(text)
 
 
+def earlier_rows(results):
+    """The rows of an earlier bench/results/<results>.json, each stamped with its own run's GPU, date and commit."""
+    path = os.path.join(RESULTS_DIR, f"{results}.json")
+    if not os.path.exists(path):
+        return []
+    saved = json.load(open(path))
+    return [{"gpu": saved["gpu"], "date": saved["date"], "commit": saved["commit"], **r} for r in saved["rows"]]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (config/<name>.py)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="kernels_backend values to run, comma-separated")
+    p.add_argument("--backends", default=";".join(BACKENDS), help="kernels_backend values to run, separated by ';' "
+                   "(a value may hold commas: 'torch,sophia=triton')")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--layers", default="", help="preset=n_layer,... : fewer layers for those presets")
+    p.add_argument("--max_accum", type=int, default=MAX_ACCUM, help="at most this many micro-batches a step")
+    p.add_argument("--profile_steps", type=int, default=PROFILE_STEPS, help="steps profiled after the timed ones")
     p.add_argument("--nanogpt", default="", help="a copy of karpathy/nanoGPT: also time its bench.py")
     p.add_argument("--compile_mode", default="", help="passed to train.py as --compile_mode when given")
     p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per run before it counts as failed")
     p.add_argument("--results", default="e2e", help="bench/results/<this>.{md,json}: another name keeps a "
                    "second invocation (another compile_mode, say) from replacing the first's table")
+    p.add_argument("--merge", action="store_true", help="keep the rows of other presets from the existing "
+                   "results file (each row says its GPU, date and commit); ratios stay within one run")
     p.add_argument("--logs", default="", help="folder for the runs' logs (default: a temporary folder)")
     args = p.parse_args(argv)
     args.presets = [x for x in args.presets.split(",") if x]
@@ -223,17 +278,19 @@ def main(argv):
     args = parse_args(argv)
     stamp = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit()}
     rows = []
+    if args.merge:  # a second device call adds its presets to the first call's table
+        rows = [r for r in earlier_rows(args.results) if r["preset"] not in args.presets]
     with tempfile.TemporaryDirectory(prefix="nanoforge_e2e_") as work:
         args.logs = args.logs or work
         os.makedirs(args.logs, exist_ok=True)
         if args.nanogpt:
             batch = read_config_file(os.path.join(ROOT, "config", "gpt2_124m.py"))["batch_size"]
-            rows.append(time_nanogpt(os.path.abspath(args.nanogpt), batch, args))
+            rows.append({**time_nanogpt(os.path.abspath(args.nanogpt), batch, args), **stamp})
         for preset in args.presets:
             cfg = read_config_file(os.path.join(ROOT, "config", f"{preset}.py"))
             data_dir = synthetic_data(work, cfg.get("tokenizer", "gpt2"), cfg.get("vocab_size", 50257))
-            for backend in args.backends.split(","):
-                rows.append(time_preset(preset, backend, data_dir, work, args))
+            for backend in [b for b in args.backends.split(";") if b] + EXTRA_BACKENDS.get(preset, []):
+                rows.append({**time_preset(preset, backend, data_dir, work, args), **stamp})
                 write_report(rows, stamp, args)  # after every run: a crash later loses nothing measured
     return rows
 

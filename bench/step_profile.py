@@ -1,127 +1,163 @@
 """
-bench/step_profile.py — one preset's compiled training step in one process: tokens/s, and where the time goes.
+bench/step_profile.py — where train.py's own step spends its time, phase by phase, on the host and on the GPU.
 
-bench/e2e.py is the arbiter (train.py as a user runs it); this is the workbench for making it faster. It builds the
-preset's GPT, compiles it, and times micro-steps of forward + backward + fused AdamW on random tokens under bf16
-autocast, for each kernels_backend given, in one process (one compile each). With --profile it then records a few
-steps with torch.profiler and prints the top operations by GPU time, plus the one number that says whether the
-host keeps up: the GPU's busy time per step against the step's wall time. A step whose GPU is busy 60% of the
-time is host-bound (launch overhead, Python), and faster kernels will not help it; CUDA graphs
-(--compile_mode reduce-overhead) or fewer launches will.
+bench/e2e.py says how fast training is; this says why. `python train.py <preset> --profile_steps=N` records the
+run's last N steps with torch.profiler (the loop marks its phases: data, forward_backward, clip, optimizer,
+sophia_refresh, zero_grad, log) and this file turns the trace into one table:
 
-    python bench/step_profile.py config/lille_130m.py --kernels auto torch auto,attention=triton --profile
-    python bench/step_profile.py config/gpt2_124m.py --compile_mode reduce-overhead --layers 4
+    phase              host ms/step   GPU ms/step   kernels/step
+    data                      0.31          0.01             2
+    forward_backward          3.90         61.20           830
+    ...
+    wall 66.0 ms/step · GPU busy 63.1 ms (95.6%) · idle gaps > 50 us: 12/step
+
+How the GPU time is attributed: every kernel (and copy) carries the correlation id of the host call that
+launched it (cudaLaunchKernel, cuLaunchKernel, cudaMemcpyAsync, ...). The launch happened at a time when the main
+thread was inside one phase (the innermost, when phases nest), and that phase gets the kernel, also when the launch
+came from another thread, such as autograd's backward thread, while the main thread waited in backward(). Host ms
+is the time the main thread spent in the phase (exclusive of nested phases). GPU busy is the union of kernel
+intervals; if it is well below the wall time, the GPU idles between kernels: the host is not keeping ahead, and
+faster kernels cannot help that step; fewer launches (CUDA graphs) or less host work can.
+
+Profiling slows the host (the profiler records every call), so these steps are not the ones e2e.py times; read
+host ms as an upper bound and GPU ms as exact.
+
+    python train.py config/lille_130m.py --max_iters=34 --profile_steps=4        # writes out_dir/profile.{md,json}
+    python bench/step_profile.py out/lille_130m/profile_trace.json --steps 4     # the table again, from a trace
 """
 import argparse
+import json
 import os
 import sys
 import time
+import warnings
+from contextlib import nullcontext
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import kernels  # noqa: E402
-from configurator import read_config_file  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-
-STEPS = 20     # timed micro-steps per kernels setting, after WARMUP untimed ones (compilation happens there)
-WARMUP = 5
-PROFILE_STEPS = 3
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaMemcpyAsync",
+            "cudaMemsetAsync", "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+IDLE_GAP_US = 50  # a gap between consecutive GPU activities longer than this counts as the GPU idling
+TOP_KERNELS = 12
 
 
-def build(preset_path, layers, batch_size):
-    cfg = read_config_file(preset_path)
-    if layers:
-        cfg["n_layer"] = layers
-    config = GPTConfig.from_dict(cfg)
-    torch.manual_seed(0)
-    model = GPT(config).cuda()
-    B = batch_size or cfg.get("batch_size", 16)
-    idx = torch.randint(0, config.vocab_size, (B, config.block_size), device="cuda")
-    return model, idx, config
+class LoopProfiler:
+    """Records steps [first_step, first_step + steps) of train.py's loop. The loop calls at_step(step) at the top
+    of every step and wraps each phase in `with profiler.phase(name):`; outside the window both are free."""
+
+    def __init__(self, first_step, steps, out_dir, device):
+        self.first, self.last, self.out_dir, self.device = first_step, first_step + steps, out_dir, device
+        self.steps, self.prof, self.active, self.t0 = steps, None, False, 0.0
+
+    def phase(self, name):
+        return torch.profiler.record_function(f"phase:{name}") if self.active else nullcontext()
+
+    def at_step(self, step):
+        if step == self.first and not self.active:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()  # the window starts with an idle GPU: its wall time is its own
+                # every call that makes the host wait for the GPU warns now: the loop should have none but its
+                # log points (log_interval), and each one found names a stall of the pipeline
+                self.warnings = warnings.catch_warnings(record=True)
+                self.caught = self.warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.start()
+            self.active, self.t0 = True, time.perf_counter()
+        elif step == self.last and self.active:
+            syncs = None
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+                self.warnings.__exit__(None, None, None)
+                syncs = sorted({str(w.message).splitlines()[0][:120] for w in self.caught if "synchroniz" in str(w.message)})
+                syncs = {"per_step": sum("synchroniz" in str(w.message) for w in self.caught) / self.steps,
+                         "kinds": syncs}
+            wall_ms = (time.perf_counter() - self.t0) * 1e3 / self.steps
+            self.prof.stop()
+            self.active, trace = False, os.path.join(self.out_dir, "profile_trace.json")
+            self.prof.export_chrome_trace(trace)
+            result = analyse(json.load(open(trace)), self.steps, wall_ms)
+            result["host_syncs"] = syncs
+            write(result, self.out_dir)
+            print(table(result), flush=True)
 
 
-def make_step(model, idx, compile_mode):
-    """One micro-step as train.py takes it: compiled model, bf16 autocast, backward, fused AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-    targets = torch.roll(idx, -1, dims=1)
+# ---- the trace -> the table ------------------------------------------------------------------------------------
+def analyse(trace, steps, wall_ms=None):
+    """A chrome trace (torch.profiler's export) -> {phases: {name: host_ms, gpu_ms, kernels}, wall_ms, busy_ms,
+    idle_gaps, top: [(kernel, gpu_ms, calls)]}, all per step."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    phases = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("phase:")]
+    main_tid = phases[0]["tid"] if phases else None
+    phases = sorted((e for e in phases if e["tid"] == main_tid), key=lambda e: (e["ts"], -e["dur"]))
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and e["name"] in LAUNCHES and "args" in e}
+    device = sorted((e for e in events if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
+    out = {name: {"host_ms": 0.0, "gpu_ms": 0.0, "kernels": 0} for name in
+           dict.fromkeys(p["name"][len("phase:"):] for p in phases)}
+    out["(outside the phases)"] = {"host_ms": 0.0, "gpu_ms": 0.0, "kernels": 0}
+    for p in phases:  # host: the phase's own time, without the phases nested in it
+        nested = sum(q["dur"] for q in phases if q is not p and p["ts"] <= q["ts"]
+                     and q["ts"] + q["dur"] <= p["ts"] + p["dur"] and q["dur"] < p["dur"])
+        out[p["name"][len("phase:"):]]["host_ms"] += (p["dur"] - nested) / 1e3
+    top = {}
+    for k in device:
+        t = launches.get(k.get("args", {}).get("correlation"))
+        inner = [p for p in phases if t is not None and p["ts"] <= t <= p["ts"] + p["dur"]]
+        name = min(inner, key=lambda p: p["dur"])["name"][len("phase:"):] if inner else "(outside the phases)"
+        out[name]["gpu_ms"] += k["dur"] / 1e3
+        out[name]["kernels"] += 1
+        entry = top.setdefault(k["name"][:90], [0.0, 0])
+        entry[0], entry[1] = entry[0] + k["dur"] / 1e3, entry[1] + 1
+    busy, gaps, end = 0.0, 0, None  # the union of the device intervals, and the idle gaps between them
+    for k in device:
+        s, e = k["ts"], k["ts"] + k["dur"]
+        if end is not None and s - end > IDLE_GAP_US:
+            gaps += 1
+        busy += max(0.0, e - max(s, end if end is not None else s))
+        end = e if end is None else max(end, e)
+    if wall_ms is None and phases:
+        wall_ms = (max(p["ts"] + p["dur"] for p in phases) - phases[0]["ts"]) / 1e3 / steps
+    per = lambda v: v / steps
+    return {"phases": {n: {k: per(v) for k, v in d.items()} for n, d in out.items() if d["host_ms"] or d["kernels"]},
+            "wall_ms": wall_ms, "busy_ms": busy / 1e3 / steps, "idle_gaps": gaps / steps, "steps": steps,
+            "top": sorted(((n, per(ms), per(c)) for n, (ms, c) in top.items()), key=lambda r: -r[1])[:TOP_KERNELS]}
 
-    def step():
-        if compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' previous outputs may be reused
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = compiled(idx, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+
+def table(result):
+    lines = ["| phase | host ms/step | GPU ms/step | kernels/step |", "|---|---|---|---|"]
+    for name, d in result["phases"].items():
+        lines.append(f"| {name} | {d['host_ms']:.2f} | {d['gpu_ms']:.2f} | {d['kernels']:.0f} |")
+    wall, busy = result["wall_ms"] or float("nan"), result["busy_ms"]
+    lines += ["", f"wall {wall:.1f} ms/step · GPU busy {busy:.1f} ms ({100 * busy / wall:.1f}%) · idle gaps "
+              f"> {IDLE_GAP_US} us: {result['idle_gaps']:.1f}/step (profiled steps: {result['steps']})"]
+    if result.get("host_syncs"):
+        lines += [f"host waits for the GPU: {result['host_syncs']['per_step']:.1f}/step "
+                  f"({'; '.join(result['host_syncs']['kinds']) or 'none'})"]
+    lines += ["",
+          "| top kernels | GPU ms/step | calls/step |", "|---|---|---|"]
+    lines += [f"| `{n}` | {ms:.2f} | {c:.0f} |" for n, ms, c in result["top"]]
+    return "\n".join(lines)
 
 
-def time_steps(step, n):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
-
-
-def profile(step, top):
-    """Top operations by GPU time over PROFILE_STEPS steps, and GPU busy time per step vs the wall time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(PROFILE_STEPS):
-            step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / PROFILE_STEPS
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60))
-    # busy = the summed durations of the kernels themselves (the table also lists each op that launched them)
-    kernels_ = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.time_range.elapsed_us() for e in kernels_) / PROFILE_STEPS
-    print(f"per step (profiled, so slower than timed): wall {wall * 1e3:.2f} ms, GPU busy {gpu_us / 1e3:.2f} ms "
-          f"({100 * gpu_us / 1e3 / (wall * 1e3):.0f}%), {len(kernels_) / PROFILE_STEPS:.0f} kernels")
+def write(result, out_dir):
+    with open(os.path.join(out_dir, "profile.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, "profile.md"), "w") as f:
+        f.write(table(result) + "\n")
 
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("preset", help="config/<preset>.py")
-    p.add_argument("--kernels", nargs="+", default=["auto", "torch"], help="kernels_backend values, one compile each")
-    p.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead",
-                                                                 "max-autotune-no-cudagraphs"])
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--layers", type=int, default=0, help="fewer layers than the preset (0: the preset's)")
-    p.add_argument("--batch_size", type=int, default=0, help="micro-batch rows (0: the preset's)")
-    p.add_argument("--profile", action="store_true", help="also print the profiler's top operations")
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("trace", help="a profile_trace.json that train.py --profile_steps wrote")
+    p.add_argument("--steps", type=int, required=True, help="how many steps the trace holds")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("step_profile: needs a CUDA GPU")
-    for spec in args.kernels:
-        torch._dynamo.reset()
-        kernels.set_backend(spec)
-        model, idx, config = build(args.preset, args.layers, args.batch_size)
-        step = make_step(model, idx, args.compile_mode)
-        t0 = time.perf_counter()
-        for _ in range(WARMUP):
-            step()
-        torch.cuda.synchronize()
-        warm = time.perf_counter() - t0
-        torch.cuda.reset_peak_memory_stats()
-        dt = time_steps(step, args.steps)
-        tokens = idx.numel()
-        flops = model.flops_per_token() * tokens / dt
-        print(f"{os.path.basename(args.preset)} layers={config.n_layer} B={idx.shape[0]} T={idx.shape[1]} "
-              f"kernels={spec} compile_mode={args.compile_mode}: {dt * 1e3:.2f} ms/step, {tokens / dt:,.0f} tok/s, "
-              f"{flops / 1e12:.0f} TFLOP/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
-              f"(warm-up + compile {warm:.0f} s)", flush=True)
-        if args.profile:
-            profile(step, args.top)
-        del model, step
-        torch.cuda.empty_cache()
+    print(table(analyse(json.load(open(args.trace)), args.steps)))
 
 
 if __name__ == "__main__":

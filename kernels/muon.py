@@ -88,6 +88,7 @@ import torch.distributed as dist
 from torch.optim.adamw import adamw as adamw_functional
 
 from kernels import HAS_TRITON, interpreting, use_triton
+from parallel import local as _local, shard_like as _like  # FSDP's slices of a parameter
 
 if HAS_TRITON:
     import triton
@@ -250,6 +251,16 @@ def _check_group(group):
             raise ValueError(f"Muon: invalid AdamW betas {group['betas']} (each must be in [0, 1))")
 
 
+def _my_rows(p, full):
+    """The rows of `full` (a whole matrix) that this process holds of p: all of them, or under FSDP its slice
+    (FSDP2 splits dim 0 as torch.chunk does: ceil(rows / world) rows a process, the last ones fewer or none)."""
+    if not hasattr(p, "to_local"):
+        return full
+    rows = -(-full.shape[0] // dist.get_world_size())
+    start = min(dist.get_rank() * rows, full.shape[0])
+    return full[start:start + p.to_local().shape[0]]
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (see the top of this file) for the 2-D parameters of the transformer blocks, AdamW for the others.
 
@@ -336,22 +347,24 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None] if group["kind"] == "muon" else []
             if not params:
                 continue
-            grads = [p.grad.float() for p in params]  # no copy for fp32 gradients
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
-                    for p in params]
+            # under FSDP each process holds a slice of rows (_local): the momentum is elementwise, so slices do
+            grads = [_local(p.grad).float() for p in params]  # no copy for fp32 gradients
+            bufs = [_local(self.state[p].setdefault("momentum_buffer", _like(p, torch.zeros_like(
+                _local(p), dtype=torch.float32)))) for p in params]
             mu = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1.0 - mu)                            # m ← μ·m + (1 − μ)·g
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # u ← (1 − μ)·g + μ·m
-            for p, u in zip(params, updates):
-                stacks.setdefault((p.shape, p.device, group["ns_steps"]), []).append((p, u, group))
+            for p, u in zip(params, updates):  # ... but Newton-Schulz needs the whole matrix: gather it
+                u = _like(p, u).full_tensor() if hasattr(p, "to_local") else u
+                stacks.setdefault((p.shape, u.device, group["ns_steps"]), []).append((p, u, group))
         for (shape, _, ns_steps), members in stacks.items():
             orth = self._orthogonalise(torch.stack([u for _, u, _ in members]), ns_steps)
             scale = max(1.0, shape[0] / shape[1]) ** 0.5
             by_group = {}
             for (p, _, group), o in zip(members, orth.unbind(0)):
                 by_group.setdefault(id(group), (group, [], []))
-                by_group[id(group)][1].append(p)
-                by_group[id(group)][2].append(o.to(p.dtype))
+                by_group[id(group)][1].append(_local(p))
+                by_group[id(group)][2].append(_my_rows(p, o).to(p.dtype))
             for group, params, orths in by_group.values():
                 lr, wd = group["lr"], group["weight_decay"]
                 if wd != 0.0:

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import HAS_TRITON, use_triton
+from parallel import local as _local, shard_like as _like  # FSDP's slices of a parameter
 
 if HAS_TRITON:
     import triton
@@ -235,19 +236,20 @@ class _Bucket:
 
     def __init__(self, params, groups, state, tile):
         self.params, self.groups, self.tile, self.state = params, groups, tile, state
-        self.device, self.dtype = params[0].device, params[0].dtype
-        self.numel_list = [p.numel() for p in params]
+        self.local = [_local(p) for p in params]  # what the kernels address: this process's elements
+        self.device, self.dtype = self.local[0].device, params[0].dtype
+        self.numel_list = [p.numel() for p in self.local]
         padded = [-(-n // 4) * 4 for n in self.numel_list]            # keep every slice 16-byte aligned
         offsets = [sum(padded[:i]) for i in range(len(padded))]
         self.exp_avg = torch.zeros(sum(padded), dtype=torch.float32, device=self.device)
         self.hessian = torch.zeros_like(self.exp_avg)
-        for p, off, n in zip(params, offsets, self.numel_list):
+        for p, local, off, n in zip(params, self.local, offsets, self.numel_list):
             old = state.get(p, {})
-            m, h = self.exp_avg[off:off + n].view(p.shape), self.hessian[off:off + n].view(p.shape)
+            m, h = self.exp_avg[off:off + n].view(local.shape), self.hessian[off:off + n].view(local.shape)
             for key, view in (("exp_avg", m), ("hessian", h)):
                 if key in old:  # keep what a checkpoint (or an earlier layout) held
-                    view.copy_(old[key])
-            state[p] = {"exp_avg": m, "hessian": h}
+                    view.copy_(_local(old[key]))
+            state[p] = {"exp_avg": _like(p, m), "hessian": _like(p, h)}
         # tile i covers elements [tile_start[i], tile_start[i] + tile) of parameter tile_tensor[i]
         tiles = torch.tensor([-(-n // tile) for n in self.numel_list])
         tile_tensor = torch.repeat_interleave(torch.arange(len(params)), tiles)
@@ -259,14 +261,14 @@ class _Bucket:
         self.numels = torch.tensor(self.numel_list, dtype=torch.int64, device=self.device)
         self.state_offsets = torch.tensor(offsets, dtype=torch.int64, device=self.device)
         self.tensor_group = torch.tensor(groups, dtype=torch.int32, device=self.device)
-        self.params_contiguous = all(p.is_contiguous() for p in params)
+        self.params_contiguous = all(p.is_contiguous() for p in self.local)
         self.unclipped_tiles = torch.zeros(self.n_tiles, dtype=torch.int32, device=self.device)
         self.unclipped, self.stepped = None, 0  # the last step's count of unclipped coordinates, and of all
 
     def gradients(self):
         """Every parameter's gradient, None where there is none (that parameter is skipped). Torch's .grad
         setter already guarantees the shape and the device; the dtype it lets through with grad_dtype=None."""
-        grads = [p.grad for p in self.params]
+        grads = [None if p.grad is None else _local(p.grad) for p in self.params]
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("SophiaG does not support sparse gradients")
@@ -277,7 +279,7 @@ class _Bucket:
     def launch(self, kernel, grads, hyper_rows, *buffers):
         """One launch over every tile of the bucket; the per-step tables travel as two tiny async copies."""
         addresses = array.array("q")
-        for p, g in zip(self.params, grads):
+        for p, g in zip(self.local, grads):
             if g is not None and not g.is_contiguous():
                 raise ValueError("SophiaG's Triton step needs contiguous gradients; use "
                                  "NANOFORGE_KERNELS=auto,sophia=torch for this model")
@@ -296,9 +298,10 @@ class _Bucket:
     def per_group(self, grads):
         """(group index, [(p, g, m, h) ...]) for the parameters of this bucket that have a gradient."""
         by_group = {}
-        for p, g, gi in zip(self.params, grads, self.groups):
+        for p, local, g, gi in zip(self.params, self.local, grads, self.groups):
             if g is not None:
-                by_group.setdefault(gi, []).append((p, g, self.state[p]["exp_avg"], self.state[p]["hessian"]))
+                by_group.setdefault(gi, []).append((local, g, _local(self.state[p]["exp_avg"]),
+                                                    _local(self.state[p]["hessian"])))
         return by_group.items()
 
 

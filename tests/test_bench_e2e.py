@@ -52,3 +52,21 @@ def test_a_failed_run_is_a_row_and_the_report_still_writes(tmp_path, monkeypatch
     saved = json.load(open(tmp_path / "e2e.json"))
     assert saved["rows"][0]["preset"] == "gpt2_124m" and set(saved) == {"gpu", "date", "commit", "rows"}
     assert "2 *" in (tmp_path / "e2e.md").read_text()  # fewer layers than the preset: marked
+
+
+def test_merge_keeps_other_presets_rows_with_their_own_stamp(tmp_path, monkeypatch):
+    monkeypatch.setattr(e2e, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(e2e, "TOKENS_PER_VOCAB", 5000)
+    monkeypatch.setattr(e2e, "gpu_name", lambda: "GPU B")
+    monkeypatch.setattr(e2e, "time_preset", lambda preset, backend, *a: {
+        "preset": preset, "kernels": backend, "tok_s": 2.0 if backend == "auto" else 1.0, "mfu": 0.1,
+        "mem_gib": 1.0, "layers": 12, "accum": 1})
+    earlier = {"gpu": "GPU A", "date": "2026-12-01", "commit": "abc1234", "rows": [
+        {"preset": "lille_130m", "kernels": "auto", "tok_s": 3.0, "mfu": 0.2, "mem_gib": 2.0, "layers": 24},
+        {"preset": "gpt2_124m", "kernels": "auto", "tok_s": 9.0, "mfu": 0.2, "mem_gib": 2.0, "layers": 12}]}
+    (tmp_path / "e2e.json").write_text(json.dumps(earlier))
+    rows = e2e.main(["--presets", "gpt2_124m", "--merge", "--profile_steps", "0"])
+    assert [(r["preset"], r["kernels"], r["gpu"]) for r in rows] == [
+        ("lille_130m", "auto", "GPU A"), ("gpt2_124m", "auto", "GPU B"), ("gpt2_124m", "torch", "GPU B")]
+    table = (tmp_path / "e2e.md").read_text()
+    assert "(GPU A, 2026-12-01, abc1234)" in table and "| 2.000x |" in table  # gpt2's ratio from its own run
