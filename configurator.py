@@ -20,6 +20,7 @@ both sides, before anything is allocated. The precedence, lowest first:
 (the last two are facts, not preferences: a setting that contradicts them is an error, not an override).
 """
 import ast
+import hashlib
 import json
 import os
 from types import SimpleNamespace
@@ -139,6 +140,8 @@ def resolve(cfg, defaults, model_keys, choices, at_least):
                               f"{want!r}: drop the setting (the data's is used) or point data_dir elsewhere")
     run.tokenizer, run.model = meta["tokenizer"], {k: cfg[k] for k in model_keys}
     run.tokenizer_sha256 = check_tokenizer(run.data_dir, meta)
+    with open(os.path.join(run.data_dir, "meta.json"), "rb") as f:  # the data's identity: its shards, their counts
+        run.data_sha256 = hashlib.sha256(f.read()).hexdigest()
     run.model["vocab_size"] = data_vocab
     if run.init_from != "scratch":
         source = run.out_dir if run.init_from == "resume" else run.init_from
@@ -153,6 +156,7 @@ def resolve(cfg, defaults, model_keys, choices, at_least):
                           f"another --out_dir (or pass --overwrite=True to replace it)")
     resolve_batch(run)
     run.config.update(run.model, tokenizer=run.tokenizer, tokenizer_sha256=run.tokenizer_sha256,
+                      data_sha256=run.data_sha256,
                       max_iters=run.max_iters, warmup_iters=run.warmup_iters,
                       **({"chat_format": run.chat_format} if hasattr(run, "chat_format") else {}))
     return run
@@ -294,6 +298,11 @@ def check_checkpoint(run, ckpt, given):
                          f"'{saved['tokenizer']}' but {run.data_dir} was tokenized with '{run.tokenizer}'")
     from tokenizer import check_same
     check_same(run.tokenizer, saved.get("tokenizer_sha256"), run.ckpt_path, run.tokenizer_sha256)
+    if run.init_from == "resume" and saved.get("data_sha256", run.data_sha256) != run.data_sha256:
+        raise ValueError(f"{run.data_dir}/meta.json is not the data {run.ckpt_path} was trained on (meta.json "
+                         f"sha256 {saved['data_sha256'][:12]}... then, {run.data_sha256[:12]}... now: prepared "
+                         f"again, or another folder): its saved data position means nothing here; resume on that "
+                         f"data, or start from the weights with --init_from={run.ckpt_path} in another out_dir")
 
 
 # ---- the other end of a command line: an expected error is one line ---------------------------------------------

@@ -76,8 +76,16 @@ def one_line_error(proc, *fragments):
 
 
 # ---- 1. a resume cannot run past its end ------------------------------------------------------------------------
-def test_resume_with_max_iters_already_passed_is_refused_before_anything_is_written(sample_data_dir, run_dir):
+def test_resume_with_max_iters_already_passed_is_refused_before_anything_is_written(sample_data_dir, run_dir,
+                                                                                   monkeypatch):
     before = snapshot(run_dir)
+    real_batch, calls = train.TokenWindows.batch, []
+
+    def bounded(self, *a, **k):  # without the check the loop never ends: fail instead of hanging
+        calls.append(1)
+        assert len(calls) < 100, "the resumed run trains past its max_iters"
+        return real_batch(self, *a, **k)
+    monkeypatch.setattr(train.TokenWindows, "batch", bounded)
     with pytest.raises(ConfigError, match=r"max_iters=1, but .*ckpt.pt is already at step 2: nothing is left"):
         train.train(cfg_for(sample_data_dir, run_dir, "--init_from=resume", "--max_iters=1"))
     assert snapshot(run_dir) == before
@@ -183,6 +191,18 @@ def test_a_checkpoint_of_another_tokenizer_content_is_refused_on_resume(own_toke
     rewrite(out / "ckpt.pt", lambda c: c["config"].update(tokenizer_sha256="0" * 64))
     with pytest.raises(ValueError, match=r"ckpt.pt recorded sha256 000000000000\.\.\., the tokenizer is"):
         train.train(cfg_for(data, out, "--init_from=resume", "--max_iters=2"))
+
+
+def test_resume_on_data_prepared_again_is_refused(sample_data_dir, run_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "source": "other text"}))
+    before = snapshot(run_dir)
+    with pytest.raises(ValueError, match=r"meta.json is not the data .*ckpt.pt was trained on \(meta.json sha256 "
+                                         r"\w+\.\.\. then, \w+\.\.\. now"):
+        train.train(cfg_for(str(data), run_dir, "--init_from=resume", "--max_iters=4"))
+    assert snapshot(run_dir) == before
 
 
 def test_meta_json_naming_an_unloadable_tokenizer_fails_at_start(sample_data_dir, tmp_path):
