@@ -26,26 +26,8 @@ import prepare_tokenizer
 import tokenizer
 import train
 from configurator import ConfigError, configure
-from conftest import ROOT, TINY_TEST_MODEL
-
-
-def cfg_for(data_dir, out_dir, *extra):
-    return configure(train.DEFAULTS, TINY_TEST_MODEL + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra])
-
-
-@pytest.fixture(scope="module")
-def trained(sample_data_dir, tmp_path_factory):
-    """A finished 2-step AdamW run: ckpt.pt, best.pt, metrics.jsonl, run_config.json."""
-    out = tmp_path_factory.mktemp("trained")
-    train.train(cfg_for(sample_data_dir, out, "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=8"))
-    return out
-
-
-@pytest.fixture
-def run_dir(trained, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(trained, dst, ignore=shutil.ignore_patterns(".lock"))
-    return dst
+from conftest import ROOT
+from test_faults import cfg_for, run_dir, trained  # noqa: F401 (fixtures: the finished 2-step run, a copy)
 
 
 def snapshot(folder):
