@@ -178,6 +178,12 @@ def resolve_batch(run):
         raise ConfigError(f"total_batch_tokens={run.total_batch_tokens} is not a multiple of batch_size * "
                           f"block_size * world_size = {per_micro}; adjust one of them")
     run.tokens_per_step = run.grad_accum * per_micro
+    if run.compile and run.compile_mode == "reduce-overhead" and run.grad_accum > 1:  # else silently wrong
+        raise ConfigError(f"compile_mode='reduce-overhead' (CUDA graphs) with gradient accumulation (grad_accum="
+                          f"{run.grad_accum}): PyTorch's CUDA graph trees hand a replay's gradient buffers to .grad, "
+                          f"and the next micro-batch's replay overwrites them instead of adding to them "
+                          f"(pytorch/pytorch#169545). Use one micro-batch a step (total_batch_tokens = batch_size x "
+                          f"block_size x world_size) or compile_mode='default'")
     if run.epochs > 0:
         run.max_iters = max(1, int(run.epochs * run.train_windows * run.block_size / run.tokens_per_step))
     if run.max_iters < 1:

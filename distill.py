@@ -381,15 +381,18 @@ def main(argv):
     student_dir = cfg["out_dir"]
     run = run_training({**cfg, "out_dir": os.path.join(student_dir, "distill")}, model)
     if master and cfg["save_checkpoints"]:
-        write_student(run, cfg, student_dir)
+        fresh = LRCStudent(teacher_model, config, cfg["clone_weight"], cfg["kl_temperature"], cfg["free_student"])
+        write_student(fresh, cfg, student_dir)
     return run
 
 
 def write_student(model, cfg, student_dir):
     """The multiplied-out student as an ordinary checkpoint: checkpoint.load_model, chat.py, eval.py, sft.py's
-    init_from and export.py read it like any of train.py's. Step and validation loss come from the state
-    train.py saved last, the config is the run's (the student's shape, its tokenizer)."""
+    init_from and export.py read it like any of train.py's. The trained projections come from the state train.py
+    saved last (whole, whatever the parallelism: under FSDP the trained module holds only slices), loaded into
+    `model`, a fresh LRCStudent of the same teacher; the config is the run's (the student's shape, tokenizer)."""
     state = checkpoint.load(os.path.join(student_dir, "distill", "ckpt.pt"), mmap=True)
+    model.load_state_dict(state["model"])
     gpt = model.to_gpt()
     payload = {"model": gpt.state_dict(), "config": {**cfg, "distilled_from": cfg["teacher"]},
                "step": state["step"], "best_val_loss": state["best_val_loss"]}

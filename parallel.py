@@ -30,6 +30,10 @@ The optimizers on slices. AdamW and Sophia are elementwise: each process updates
 gather it). Muon's momentum is elementwise too, but its Newton-Schulz orthogonalisation needs each whole matrix:
 the update is gathered (an all-gather a matrix), orthogonalised (the matrices shared out among the processes, as
 under DDP), and each process applies its own rows.
+
+distill.py's LRC student under FSDP: its projections (and their gradients and moments) are sharded as one unit,
+since each step multiplies out every layer's weights W_t P at once; the frozen teacher stays whole on every
+process, as those products need its whole matrices each step (sharding it would only add an all-gather of it).
 """
 from contextlib import nullcontext
 
@@ -72,10 +76,10 @@ def checkpointed_blocks(run, n_layer):
 def wrap(raw_model, run):
     """The module the loop runs: raw_model compiled, then DDP-wrapped or sharded in place by FSDP2.
     raw_model stays the one whose names a checkpoint uses (no compile or DDP prefixes; FSDP keeps the names)."""
-    blocks = getattr(raw_model, "blocks", None)
-    if blocks is None and (run.parallel == "fsdp" or checkpointed_blocks(run, run.n_layer)):
-        raise ValueError("parallel='fsdp' and activation_checkpointing need GPT's Blocks; distill.py's LRC student "
-                         "computes its weights from the teacher's whole matrices each step: use parallel='ddp'")
+    blocks = getattr(raw_model, "blocks", None)  # distill.py's LRC student has none: see below
+    if blocks is None and checkpointed_blocks(run, run.n_layer):
+        raise ValueError("activation_checkpointing recomputes GPT's Blocks; distill.py's LRC student makes its "
+                         "weights from the teacher's each step and has none: leave activation_checkpointing='none'")
     if blocks is not None:
         raw_model.checkpoint_blocks = checkpointed_blocks(run, len(blocks))
     model = raw_model
@@ -83,9 +87,11 @@ def wrap(raw_model, run):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # compute in the run's precision (bf16 on a GPU), average gradients in fp32, keep fp32 master weights
         mp = MixedPrecisionPolicy(param_dtype=run.amp_dtype, reduce_dtype=torch.float32)
-        for block in blocks:  # one all-gather per Block: only the Block at work is ever whole
+        for block in blocks or []:  # one all-gather per Block: only the Block at work is ever whole
             fully_shard(block, mp_policy=mp)
-        fully_shard(raw_model, mp_policy=mp)  # the rest: embedding, final norm, head
+        # the rest (embedding, final norm, head); for the LRC student, all its projections in one unit, since
+        # each step multiplies out every layer's weights at once (its frozen teacher is not sharded)
+        fully_shard(raw_model, mp_policy=mp)
     if run.compile and run.device.type == "cuda":
         model = torch.compile(model, mode=None if run.compile_mode == "default" else run.compile_mode)
     if run.parallel == "ddp" and run.world > 1:

@@ -8,6 +8,9 @@ prepare_sft.py — instruction sets in, token + mask shards out (what sft.py tra
     # offline: the local copies in ../shared/data/sft (aliases below) or any jsonl / json file
     python prepare_sft.py --format alpaca --tokenizer gpt2 --out_dir data/sft_alpaca_gpt2 \\
         --source dolly_local --source alpaca_gpt4_local --source gsm8k_local
+    # multilingual sets keep their English rows unless --lang names others (RAG_Multilingual: en es ca; Aya: ISO
+    # 639-3 codes or names), a comma list for several sets at once; the retrieved passage becomes the context
+    python prepare_sft.py --format lime --out_dir data/sft_rag_es --source rag_multilingual --source aya --lang es,spa
 
 Pipeline: read each source -> rows to conversations (the schema is recognised from the row's fields) -> split off
 `val_frac` of every source for validation -> weight the training part -> shuffle (seeded: the output is identical
@@ -31,6 +34,7 @@ import glob
 import json
 import os
 import random
+import re
 import sys
 from multiprocessing import Pool
 
@@ -63,7 +67,24 @@ HUB = {
     "simplemath": ("ProCreations/SimpleMath", None, "train", {"per_operator": 2500}),
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", None, "train_sft", {}),              # LRC's SFT set
     "rag": ("neural-bridge/rag-dataset-12000", None, "train", {}),                      # context, question, answer
+    "kyoto": ("Nikity/Kyoto-Corpus", None, "train", {}),                                # Lille-130M-Instruct's
+    "rag_multilingual": ("projecte-aina/RAG_Multilingual", None, "train", {}),          # LIME-1B's (with the next)
+    "aya": ("CohereLabs/aya_dataset", None, "train", {}),
 }
+# Where the seeds' own sets' fields come from (to_messages below reads them):
+#   kyoto: Nikity/Kyoto-Corpus, named by Lille-130M-Instruct's model card and Nikityyy/lille's README. Its dataset
+#     card could not be read from here, so its fields and split are NOT confirmed: 'train' is assumed, and a row is
+#     read as `messages` or `conversations` if it has them, else as a `text` in Lille's own template, the form
+#     Lille's pipeline documents (prepare_dataset.py reads <|endoftext|>-separated text; the chat template of its
+#     huggingface/export_hf.py and the Hastings tokenizer's README give <|startoftext|><|user|>..<|assistant|>..).
+#   rag_multilingual: projecte-aina/RAG_Multilingual, files train.jsonl, validation.jsonl, test.jsonl (the hub's
+#     file tree at a7020cf); columns id, instruction, context, response, category, lang (en | es | ca), extractive
+#     (as the public loaders that train on it read them). Dolly's schema plus `lang`: the context is the passage.
+#   aya: CohereLabs/aya_dataset (formerly CohereForAI/aya_dataset), splits train and test; columns inputs,
+#     targets, language (a name, "English"), language_code (ISO 639-3, "eng"), annotation_type, user_id (the
+#     card's dataset_info, as the subsets cut from it repeat it, and loaders filtering language_code).
+# A source whose rows carry a language field keeps one language: English by default, --lang to choose.
+LANGUAGE_FIELDS = {"lang": "en", "language_code": "eng"}  # field -> default; Aya's `language` name matches too
 # Offline copies (shared/data/sft, see its MANIFEST.md): Dolly there has no category or context fields.
 LOCAL = {
     "dolly_local": "dolly15k_partial/dolly15k_first6400_no_context.jsonl",
@@ -99,8 +120,8 @@ def to_messages(row):
         return msgs + [{"role": "user", "content": text_field(row[user], user)},
                        {"role": "assistant", "content": text_field(row[answer], answer)}]
     if "messages" in row:                                       # no_robots, ultrachat: [{role, content}]
-        return [{"role": m["role"], "content": text_field(m.get("content"), "messages[].content")}
-                for m in row["messages"]]
+        return [{"role": text_field(m.get("role"), "messages[].role"),
+                 "content": text_field(m.get("content"), "messages[].content")} for m in row["messages"]]
     if "conversations" in row:                                  # ShareGPT: [{from, value}]
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
         return [{"role": roles.get(m["from"], m["from"]),
@@ -115,8 +136,26 @@ def to_messages(row):
         return turn("question", "answer", "context")
     if "prompt" in row and ("completion" in row or "response" in row):
         return turn("prompt", "completion" if "completion" in row else "response")
+    if "inputs" in row and "targets" in row:                    # Aya: inputs, targets
+        return turn("inputs", "targets")
+    if isinstance(row.get("text"), str) and "<|user|>" in row["text"]:   # Lille's template (Kyoto-Corpus)
+        return lille_messages(row["text"])
     raise ValueError(f"unrecognised row schema with fields {sorted(row)}: expected messages, conversations, "
-                     f"instruction+output, instruction+response, problem+answer, question+answer or prompt+completion")
+                     f"instruction+output, instruction+response, problem+answer, question+answer, prompt+completion, "
+                     f"inputs+targets or a text in Lille's <|user|>..<|assistant|>.. template")
+
+
+def lille_messages(text):
+    """Lille's template -> messages: [<|startoftext|>]<|user|>u<|assistant|>a<|endoftext|><|user|>u2<|assistant|>a2..
+    Every turn is kept, so a multi-turn conversation stays one (and the mask covers each answer, not only the last
+    as Lille's own loss did). End-of-text only closes an answer here; chat_format adds our own end tokens."""
+    body = text.replace("<|startoftext|>", "").replace("<|endoftext|>", "")
+    parts = re.split(r"(<\|user\|>|<\|assistant\|>)", body)
+    roles = ["user" if tag == "<|user|>" else "assistant" for tag in parts[1::2]]
+    if parts[0].strip() or roles != ["user", "assistant"] * (len(roles) // 2):
+        raise ValueError("field 'text': expected <|user|> then <|assistant|>, alternating from the start and "
+                         "ending with an answer")
+    return [{"role": role, "content": content} for role, content in zip(roles, parts[2::2])]
 
 
 def read_local(path):
@@ -163,8 +202,35 @@ def balance_operators(rows, per_operator, rng):
     return chosen
 
 
-def load_source(spec, seed, categories=None):
-    """'NAME[:WEIGHT]' -> (label, conversations, weight, stats). NAME: a HUB alias, a LOCAL alias, or a path/glob."""
+def keep_language(name, rows, langs=None):
+    """The rows of one language, for a source whose rows carry a language field (LANGUAGE_FIELDS, read from the
+    first row): English unless `langs` (--lang, split at commas) names others; 'all' keeps every row. Several
+    values let one --lang serve several sets (es,spa: RAG_Multilingual's Spanish and Aya's); each set must match
+    one; Aya's rows match by their code or their `language` name. A row without the field is an error naming it.
+    rows are (where, row) pairs."""
+    first = rows[0][1] if rows else None
+    field = next((f for f in LANGUAGE_FIELDS if isinstance(first, dict) and f in first), None)
+    if field is None or "all" in (langs or []):
+        return rows, None
+    want = {v.lower() for v in (langs or [LANGUAGE_FIELDS[field]])}
+    kept, seen = [], set()
+    for where, row in rows:
+        if not isinstance(row, dict) or row.get(field) is None:
+            raise ValueError(f"{where}: no '{field}' field (the language; {name}'s first row has one)")
+        values = {str(row[field]).lower()} | ({str(row["language"]).lower()} if "language" in row else set())
+        seen.add(str(row[field]))
+        if values & want:
+            kept.append((where, row))
+    if not kept:
+        raise ValueError(f"--source {name}: no row has {field} in {sorted(want)} (its values: "
+                         f"{', '.join(sorted(seen)[:20])}); choose with --lang")
+    print(f"{name}: {field} in {sorted(want)}: {len(kept)} of {len(rows)} rows (--lang chooses, --lang all keeps all)")
+    return kept, sorted(want)
+
+
+def load_source(spec, seed, categories=None, langs=None):
+    """'NAME[:WEIGHT]' -> (label, conversations, weight, stats). NAME: a HUB alias, a LOCAL alias, or a path/glob.
+    langs: --lang's values (keep_language)."""
     name, weight = spec, 1.0
     head, sep, tail = spec.rpartition(":")
     if sep and head:
@@ -186,6 +252,7 @@ def load_source(spec, seed, categories=None):
                                     f"or local aliases {sorted(LOCAL)}")
         rows = [pair for p in paths for pair in read_local(p)]  # (where, row): errors name the file and line
     n_rows = len(rows)
+    rows, lang = keep_language(name, rows, langs)
     keep = options.get("categories") or categories
     if keep:
         if rows and all(isinstance(r, dict) and "category" in r for _, r in rows):
@@ -204,7 +271,7 @@ def load_source(spec, seed, categories=None):
             raise ValueError(f"{where}: {e}") from None
     # drop rows with an empty answer or question, as ParchmentLM did
     conversations = [c for c in conversations if all(m["content"].strip() for m in c if m["role"] != "system")]
-    stats = {"source": name, "rows": n_rows, "kept": len(conversations), "weight": weight}
+    stats = {"source": name, "rows": n_rows, "kept": len(conversations), "weight": weight, "lang": lang}
     return name, conversations, weight, stats
 
 
@@ -293,6 +360,8 @@ def main(argv=None):
     p.add_argument("--block_size", type=int, default=1024, help="the model's context (--layout pad; val check)")
     p.add_argument("--val_frac", type=float, default=0.02, help="fraction of every source kept for validation")
     p.add_argument("--categories", default=None, help="comma list: keep rows with these 'category' values")
+    p.add_argument("--lang", default=None, help="comma list: for sets with a language field (rag_multilingual: en "
+                   "es ca; aya: eng spa ... or English ...), keep these languages (default English; 'all')")
     p.add_argument("--shard_size", type=float, default=100e6, help="tokens per train shard (whole conversations)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
@@ -304,11 +373,12 @@ def main(argv=None):
     if os.path.isdir(args.out_dir) and any(f.endswith(".bin") for f in os.listdir(args.out_dir)):
         raise SystemExit(f"error: {args.out_dir} already holds shards; remove them or choose another --out_dir")
     categories = tuple(args.categories.split(",")) if args.categories else None
+    langs = [v.strip() for v in args.lang.split(",") if v.strip()] if args.lang else None
 
     # ---- read, split, weight, shuffle ----
     val, train, sources = [], [], []
     for spec in args.source:
-        name, conversations, weight, stats = load_source(spec, args.seed, categories)
+        name, conversations, weight, stats = load_source(spec, args.seed, categories, langs)
         v, t = split_and_weight(conversations, weight, args.val_frac, random.Random(f"{args.seed}:split:{name}"))
         val += v
         train += t

@@ -19,12 +19,14 @@ already knows SFT data by its meta.json: the shards were rendered with the check
 context. Only two rules are SFT's alone (prepare() below). The format is stored in the checkpoint's config as
 `chat_format`, so chat.py picks it up by itself. Exit codes as train.py's (130 / 143 after a signal, saved).
 """
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch imports: a quiet exit, no traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
-import os
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) or before the loop: leave at once, quietly.
+    # os._exit, not sys.exit: a SystemExit raised inside a half-done import (numpy's, torch's) can end in a
+    # traceback from the half-made module on the way out; nothing is open or unsaved yet
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 from configurator import ConfigError, read_meta, script_defaults
 from train import DEFAULTS as TRAIN_DEFAULTS

@@ -19,14 +19,16 @@ The host never waits for the GPU inside a step: the loss and the finiteness of t
 and are read every log_interval steps. sft.py runs this same loop on instruction data; only its defaults differ.
 Exit codes: 0 done, 1 a named error, 130 after Ctrl-C and 143 after SIGTERM (128 + signal, both after saving).
 """
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) or before the loop: a quiet exit, no traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) or before the loop: leave at once, quietly.
+    # os._exit, not sys.exit: a SystemExit raised inside a half-done import (numpy's, torch's) can end in a
+    # traceback from the half-made module on the way out; nothing is open or unsaved yet
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import fields

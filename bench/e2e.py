@@ -30,7 +30,8 @@ bench/results/e2e.json: {"gpu", "date", "commit", "rows": [{"preset", "kernels",
     python bench/e2e.py                                    # every preset, auto and torch, 30 steps each
     python bench/e2e.py --presets lille_130m,gpt2_124m --nanogpt .carry/nanogpt --max_accum 8
     python bench/e2e.py --presets lime_1b,lrc_1p5b --layers lime_1b=8,lrc_1p5b=6 --max_accum 2 --results e2e_1b
-    python bench/e2e.py --presets lille_130m --backends auto --compile_mode reduce-overhead --results e2e_graphs
+    python bench/e2e.py --presets lille_130m --backends auto --compile_mode reduce-overhead --max_accum 1 \
+        --results e2e_graphs   # CUDA graphs take one micro-batch a step (train.py refuses accumulation with them)
 
 --max_accum caps the micro-batches a step (gpt2_124m's preset takes 32 on one GPU: 8 give the same tokens/s to
 within the optimizer step's share, in a quarter of the time); the `accum` column says what each row ran.

@@ -2,9 +2,13 @@
 # lr 1e-5, 3 epochs, warmup 1000 steps, weight decay 0.01, the same Sophia optimizer as its pretraining, loss on
 # the answer only. Lille's template is `bos <|user|>msg<|assistant|>reply eos` with <|user|>/<|assistant|> in its own
 # tokenizer: the `lime` format is the same shape with our padding-slot tags <user>/<assistant>.
-# Lille padded every example to 512 (--layout pad). Its SFT data (Kyoto-Corpus / smol-sft) is not available here:
+# Lille padded every example to 512 (--layout pad). Its SFT data is Nikity/Kyoto-Corpus (the model card; no counts
+# or weights given: the whole set, once per epoch):
 #   python prepare_sft.py --format lime --tokenizer gpt2 --layout pad --block_size 512 \
-#       --out_dir data/sft_lille_gpt2 --source no_robots --source alpaca_cleaned      (offline: *_local sources)
+#       --out_dir data/sft_lille_gpt2 --source kyoto
+# Kyoto-Corpus's fields are not confirmed (prepare_sft.py says which forms it reads). Fallbacks, same flags: with the
+# hub but not that set, --source no_robots --source alpaca_cleaned; with no network, the local copies
+# --source alpaca_gpt4_local --source dolly_local.
 init_from = "out/lille_130m"
 out_dir = "out/sft_lille"
 data_dir = "data/sft_lille_gpt2"

@@ -3,6 +3,8 @@ term against a hand computation, an exact state round trip and resume, and one c
 import json
 import math
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -283,3 +285,26 @@ def test_recipes_resolve_to_the_shapes_they_promise():
             m = GPT(cfg)
         return m.num_params() - cfg.vocab_size * cfg.n_embd
     assert non_embedding(student_config(gpt2, **small)) * 3 == non_embedding(gpt2)
+
+
+def test_distillation_under_fsdp_on_two_processes_matches_one_process(sample_data_dir, teacher_ckpt, tmp_path):
+    """distill.py under torchrun with parallel='fsdp': the student's projections sharded over 2 processes (the
+    frozen teacher whole on each), 2 rows each a micro-step, against one process taking both rows' worth in 2
+    micro-batches. Same losses, and the same multiplied-out student (from the gathered state)."""
+    common = ["--max_iters=4", "--batch_size=2", "--total_batch_tokens=128", "--device=cpu"]
+    distill.main([a for a in distill_args(sample_data_dir, teacher_ckpt, tmp_path / "one") if "batch" not in a]
+                 + common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "distill.py"),
+           *[a for a in distill_args(sample_data_dir, teacher_ckpt, tmp_path / "two") if "batch" not in a], *common,
+           "--parallel=fsdp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    one, two = val_and_losses(tmp_path / "one" / "distill"), val_and_losses(tmp_path / "two" / "distill")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for s in one:
+        assert abs(one[s] - two[s]) < 1e-4, (s, one[s], two[s])
+    a, b = (load_checkpoint(str(tmp_path / d))[0].state_dict() for d in ("one", "two"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k

@@ -115,3 +115,13 @@ def test_profile_steps_must_leave_steps_before_them(sample_data_dir, tmp_path):
                                                        "--max_iters=4", "--profile_steps=4"])
     with pytest.raises(ValueError, match="profile_steps=4 must be < max_iters=4"):
         train.train(cfg)
+
+
+def test_cuda_graphs_with_gradient_accumulation_are_refused(sample_data_dir, tmp_path):
+    """CUDA graph trees overwrite the accumulated gradients (pytorch#169545): one line, before anything runs,
+    on any device (the setting is the mistake, whether or not this machine would compile)."""
+    shape = [a for a in TINY_TEST_MODEL if not a.startswith("--compile")]
+    cfg = configure(train.DEFAULTS, shape + [f"--data_dir={sample_data_dir}", f"--out_dir={tmp_path}", "--max_iters=2",
+                                             "--compile_mode=reduce-overhead", "--total_batch_tokens=512"])
+    with pytest.raises(ValueError, match=r"with gradient accumulation \(grad_accum=2\).*pytorch/pytorch#169545"):
+        train.train(cfg)
