@@ -113,7 +113,8 @@ def check_values(config, choices, at_least):
     for key, bound in at_least.items():
         low, high = bound if isinstance(bound, tuple) else (bound, float("inf"))
         if not low <= config[key] < high:
-            raise ConfigError(f"{key}={config[key]!r}: must be >= {low}" + (f" and < {high}" if high < float("inf") else ""))
+            below = f" and < {high}" if high < float("inf") else ""
+            raise ConfigError(f"{key}={config[key]!r}: must be >= {low}{below}")
 
 
 # ---- the run: settings, then the facts of the data and of the checkpoint ---------------------------------------
