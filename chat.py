@@ -26,8 +26,9 @@ import torch
 from chat_format import FORMATS, ChatFormat
 from generation import GenerationConfig, beam_search, stream
 from checkpoint import load_model
+from configurator import run_script
 from device import pick_device, pick_dtype
-from tokenizer import get_encoding
+from tokenizer import check_same, get_encoding
 
 
 class PromptTooLong(ValueError):
@@ -45,7 +46,9 @@ def load_chat(path, fmt=None, device="cpu", dtype="float32"):
     if fmt and trained_format and fmt != trained_format:
         print(f"warning: {path} was fine-tuned with format '{trained_format}', you asked for '{fmt}'",
               file=sys.stderr)
-    chat = ChatFormat(name, get_encoding(cfg.get("tokenizer", "gpt2")))
+    spec = cfg.get("tokenizer", "gpt2")
+    check_same(spec, cfg.get("tokenizer_sha256"), path)  # the file may have been retrained since: gibberish
+    chat = ChatFormat(name, get_encoding(spec))
     chat.check_model(model.config.vocab_size, model.config.padded_vocab_size, where=path)
     return cast_weights(model, dtype), chat, cfg
 
@@ -221,8 +224,11 @@ def main(argv):
         return
     context = None
     if args.context:
-        with open(args.context, encoding="utf-8") as f:  # FileNotFoundError -> a clear message below
-            context = f.read()
+        try:
+            with open(args.context, encoding="utf-8") as f:  # FileNotFoundError -> a clear message below
+                context = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--context {args.context}: not UTF-8 text (byte {e.start}): give a text file") from None
     conv = Conversation(args.system, context)
     block = model.config.block_size
     room = min(args.max_new_tokens, block // 4)
@@ -266,7 +272,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, sys.argv[1:], expected=(RuntimeError,))

@@ -32,6 +32,10 @@ HF_PREFIX = "hf:"
 # ---- where a checkpoint is ---------------------------------------------------------------------------------
 def find(path):
     """A run folder means its ckpt.pt; a file means itself. FileNotFoundError naming what is missing."""
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        raise FileNotFoundError(f"no checkpoint at {path}: it has a config.json, but a Hugging Face folder also needs "
+                                f"{weights} (or, sharded, its index and shards: pass hf:{path})")
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         hint = ""
@@ -51,10 +55,23 @@ def is_hf_folder(path):
 
 
 # ---- opening one ---------------------------------------------------------------------------------------------
+# What train.py writes, key by key: the type each must have, and whether a file without it is still a checkpoint
+# (best.pt and exported students hold no optimizer state; files from before a key existed lack it).
+SCHEMA = {"model": (dict, True), "config": (dict, True), "step": (int, False), "best_val_loss": ((int, float), False),
+          "optimizer": (dict, False), "data": (dict, False), "rng": (dict, False)}
+ARCH_KEYS = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")  # a config without these describes no model
+
+
 def load(path, mmap=False):
-    """The checkpoint dict of a run folder or .pt file, opened safely (see the top). mmap=True maps the file
-    instead of reading it: the config is then available without pulling gigabytes of weights into memory."""
+    """The checkpoint dict of a run folder or .pt file, opened safely (see the top) and verified: the archive's
+    checksums, the schema, finite weights. mmap=True maps the file instead of reading it (the config or step
+    without pulling gigabytes into memory); the checksums and weights are then not read, so not verified."""
+    if is_hf_folder(path):  # read by hf.py, handed back in a checkpoint's shape (train.py's init_from=hf:<folder>)
+        model, config = load_model(path)
+        return {"model": model.state_dict(), "config": config, "step": 0}
     file = find(path)
+    if not mmap:
+        verify_archive(file)
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -66,12 +83,67 @@ def load(path, mmap=False):
                              f"written by train.py. Nothing in it was run.") from None
         raise ValueError(f"{file} is not a readable checkpoint (garbage or damaged: {reason[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, empty file, not a torch file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{file} is not a readable checkpoint (truncated, or not written by torch.save: "
-                         f"{str(e).splitlines()[0][:160]})") from None
+                         f"{first[:160]})") from None
+    check_schema(ckpt, file, weights=not mmap)
+    return ckpt
+
+
+def verify_archive(file):
+    """torch.save writes a zip archive holding a CRC-32 of every record (the pickle, each tensor's bytes), but
+    torch.load never checks them: one flipped bit in a weight loads silently. zipfile checks every record
+    against its CRC (one read of the file, ~1 GB/s), so a damaged file is named here, before it is trained on."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(file) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{file} is not a readable checkpoint (truncated, or not written by torch.save: "
+                         f"{str(e)[:160] or type(e).__name__})") from None
+    if bad is not None:
+        raise ValueError(f"{file} is damaged: its record '{bad}' does not match the checksum torch.save wrote "
+                         f"(a bit changed on disk or in a copy); use another checkpoint (best.pt, an earlier copy)")
+
+
+def check_schema(ckpt, file, weights=True):
+    """The keys and types train.py writes (SCHEMA), an architecture in the config, and (weights=True) finite
+    floating-point weights: a file that fails is one line naming it and what is wrong, never a KeyError later.
+    A non-finite weight means the run that wrote it had diverged, so it is never taken for a good checkpoint."""
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{file} is not a nanoforge checkpoint (it has no 'model' and 'config'; found {keys})")
-    return ckpt
+    for key, (kind, _) in SCHEMA.items():
+        if key in ckpt and not isinstance(ckpt[key], kind) or key == "step" and isinstance(ckpt.get(key), bool):
+            raise ValueError(f"{file}: '{key}' is a {type(ckpt[key]).__name__} ({str(ckpt[key])[:40]!r}), not what "
+                             f"train.py writes: the file was not written by nanoforge, or was edited")
+    missing = [k for k in ARCH_KEYS if k not in ckpt["config"]]
+    if missing:
+        raise ValueError(f"{file}: its config lacks {', '.join(missing)}: it does not say what model the weights "
+                         f"are (not a nanoforge checkpoint, or an edited one)")
+    from model import GPTConfig
+    GPTConfig.from_dict(ckpt["config"], where=file)  # every architecture value typed and in range
+    not_tensor = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)][:3]
+    if not_tensor or not ckpt["model"]:
+        raise ValueError(f"{file}: its 'model' holds no weights" + (f" ({not_tensor} are not tensors)"
+                                                                     if not_tensor else ""))
+    if "optimizer" in ckpt and ("step" not in ckpt or not isinstance(ckpt.get("data", {}).get("next_sample"), int)):
+        raise ValueError(f"{file}: it has optimizer state but no step or data position: it cannot be resumed")
+    if weights:
+        bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+        if bad is not None:
+            raise ValueError(f"{file}: weight '{bad}' holds NaN or inf: the run that wrote it had diverged, so it "
+                             f"is not a good checkpoint; use an earlier one")
+
+
+def load_weights(model, ckpt, file):
+    """model.load_state_dict(ckpt['model']), with a mismatch (a tensor of another shape than the config says, a
+    missing or extra name) named as the file's fault in one line rather than torch's page of names."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:240]
+        raise ValueError(f"{file}: its weights do not fit the model its config describes ({detail})") from None
 
 
 def load_model(path, device="cpu"):
@@ -87,8 +159,8 @@ def load_model(path, device="cpu"):
         student = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(find(path)))), "ckpt.pt")
         raise ValueError(f"{find(path)} is distill.py's training state (projections of a teacher), not a model; "
                          f"the distilled student is {student}")
-    model = GPT(GPTConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    model = GPT(GPTConfig.from_dict(ckpt["config"], where=find(path)))
+    load_weights(model, ckpt, find(path))
     return model.to(device).eval(), ckpt["config"]
 
 
@@ -120,14 +192,43 @@ def save(path, payload, writer=None):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        # a full disk shows up as ENOSPC, or as a bare C++ stream error from torch.save's writer
-        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-            isinstance(e, RuntimeError) and ("iostream error" in str(e) or "file write failed" in str(e)))
-        if full:
+        if disk_full(e):
             kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing was kept"
             raise OSError(f"no space left writing {path} ({kept}, the partial file removed): free some disk "
                           f"space and resume") from None
         raise
+
+
+def disk_full(e):
+    """Whether an exception means the disk (or quota) is full: ENOSPC / EDQUOT, or one of the bare C++ stream
+    errors torch.save's zip writer raises instead ('unexpected pos' is its check that a write went through)."""
+    cpp = ("iostream error", "file write failed", "unexpected pos")
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in cpp))
+
+
+def remove_stale_temporaries(folder):
+    """save()'s `<name>.<pid>.tmp` files that a killed process left behind (SIGKILL allows no cleanup): each is
+    as big as a checkpoint. Called by a run that holds the folder's lock, so no live writer owns one."""
+    import glob
+    import re
+    for tmp in glob.glob(os.path.join(folder, "*.tmp")):
+        if re.search(r"\.\d+\.tmp$", tmp) and os.path.isfile(tmp):
+            os.remove(tmp)
+            print(f"removed {tmp}, left by a save that was killed")
+
+
+def check_writable(path):
+    """Fail now, naming `path`, if a file cannot be created beside it (a read-only run folder, a missing one):
+    for work whose result would otherwise be computed and then lost at the write."""
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {folder} is not writable ({e.strerror}); choose another place "
+                         f"for it") from None
 
 
 def save_json(path, obj, indent=None):

@@ -40,18 +40,20 @@ def read_config_file(path):
             and type(v).__name__ != "module"}
 
 
-def _check_type(key, value, default, source):
+def _check_type(key, value, default, source, declared=None):
+    """value as its default's type; a key whose default is None takes the `declared` type (or anything)."""
+    if default is None and declared is not None and value is not None:
+        default = declared()  # 0, 0.0, '' or False: a stand-in of the declared type
     if default is None or value is None:
         return value
-    if isinstance(default, bool) != isinstance(value, bool):
-        raise ConfigError(f"{source}: {key}={value!r} must be a bool like its default {default!r}")
+    kind = type(default).__name__
+    rule = f"its default {default!r} is a {kind}" if declared is None else f"it must be of type {kind} (or None)"
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
-    if not isinstance(value, type(default)):
-        raise ConfigError(f"{source}: {key}={value!r} is a {type(value).__name__}, "
-                          f"but its default {default!r} is a {type(default).__name__}")
+    if not isinstance(value, type(default)) or isinstance(default, bool) != isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}={value!r} is a {type(value).__name__}, but {rule}")
     return value
 
 
@@ -63,15 +65,16 @@ def _parse_value(text):
         return text
 
 
-def configure(defaults, argv):
-    """Return a copy of `defaults` updated by the preset files and --key=value overrides in argv."""
-    config = dict(defaults)
+def configure(defaults, argv, types=None):
+    """Return a copy of `defaults` updated by the preset files and --key=value overrides in argv. types: key ->
+    type for keys whose default is None (distill.py's student shape: None = the teacher's), checked as others."""
+    config, types = dict(defaults), types or {}
     for arg in argv:
         if not arg.startswith("--"):
             for key, value in read_config_file(arg).items():
                 if key not in config:
                     raise ConfigError(f"{arg}: unknown config key '{key}'")
-                config[key] = _check_type(key, value, defaults[key], arg)
+                config[key] = _check_type(key, value, defaults[key], arg, types.get(key))
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -80,8 +83,9 @@ def configure(defaults, argv):
                 close = [k for k in config if k.startswith(key[:4])]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(f"unknown config key '{key}'{hint}")
-            value = text if isinstance(defaults[key], str) else _parse_value(text)  # paths stay strings
-            config[key] = _check_type(key, value, defaults[key], arg)
+            as_text = isinstance(defaults[key], str) or types.get(key) is str
+            value = text if as_text else _parse_value(text)  # paths stay strings
+            config[key] = _check_type(key, value, defaults[key], arg, types.get(key))
     return config
 
 
@@ -93,10 +97,35 @@ def script_defaults(namespace):
 
 
 def check_values(config, choices, at_least):
-    """Every value against its rule, at start: `choices` key -> allowed values, `at_least` key -> lower bound."""
+    """Every value against its rule, at start: `choices` key -> allowed values, `at_least` key -> lower bound,
+    or (low, high): low <= value < high (a momentum of 1 never forgets, Adam's bias correction divides by 0)."""
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"{key}={config[key]!r}: expected one of {', '.join(map(str, allowed))}")
-    for key, low in at_least.items():
-        if config[key] < low:
-            raise ConfigError(f"{key}={config[key]!r}: must be >= {low}")
+    for key, bound in at_least.items():
+        low, high = bound if isinstance(bound, tuple) else (bound, float("inf"))
+        if not low <= config[key] < high:
+            below = f" and < {high}" if high < float("inf") else ""
+            raise ConfigError(f"{key}={config[key]!r}: must be >= {low}{below}")
+
+
+
+# ---- the other end of a command line: an expected error is one line ---------------------------------------------
+EXPECTED = (ValueError, OSError, FloatingPointError)  # bad input, missing/unwritable files, a full disk, divergence
+
+
+def run_script(main, argv, expected=()):
+    """Every script's `if __name__ == "__main__"`: main(argv), with an expected error (above, plus `expected`)
+    turned into one line naming what is wrong and exit status 1, and Ctrl-C into exit 130 without a traceback.
+    Anything else is a bug in nanoforge, and keeps its traceback."""
+    import errno
+    import sys
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    except EXPECTED + tuple(expected) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            sys.exit(f"error: no space left on the device{where}: free some disk space, then resume")
+        sys.exit(f"error: {e}" if str(e) else f"error: {type(e).__name__}")

@@ -56,6 +56,7 @@ ordinary randomly initialised student) and train.py with the same shape (from sc
 has the commands; bench/distill_study.py runs all three and compares them.
 """
 import copy
+import dataclasses
 import filecmp
 import json
 import os
@@ -68,7 +69,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import checkpoint
-from configurator import configure, script_defaults
+from configurator import configure, run_script, script_defaults
 from device import pick_device
 from kernels.rope import rope_tables
 from model import GPT, GPTConfig, sinusoidal_table
@@ -91,6 +92,7 @@ norm_eps = None
 n_layer = n_head = n_kv_head = head_dim = ffn_hidden = mlp = pos = rope_theta = None
 tie_embeddings = vocab_size = vocab_pad_multiple = None
 DEFAULTS = {**TRAIN_DEFAULTS, **script_defaults(globals())}
+TYPES = {f.name: f.type for f in dataclasses.fields(GPTConfig)}  # what the None-default shape keys must be
 
 CLONED = ("n_layer", "n_head", "n_kv_head", "head_dim", "ffn_hidden", "mlp", "pos", "rope_theta",
           "tie_embeddings", "vocab_size", "vocab_pad_multiple")
@@ -364,7 +366,7 @@ def run_training(cfg, model):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, TYPES)
     teacher_model, teacher_run = load_teacher(cfg["teacher"])
     config = student_from_teacher(cfg, teacher_model.config, teacher_run)
     want_cuda = pick_device(cfg["device"]).type == "cuda"
@@ -401,8 +403,5 @@ def write_student(model, cfg, student_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # a clear message, not a traceback
-        sys.exit(f"error: {e}")
+    run_script(main, sys.argv[1:])  # an expected error: one line, exit 1
     leave()  # a torchrun process skips the interpreter's teardown (train.leave says why)

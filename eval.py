@@ -491,6 +491,8 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
     step = None  # the step is metadata; a memory-mapped second look (tensors only, no code) costs nothing
     if not hf_folder:
         step = int(checkpoint.load(ckpt, mmap=True).get("step", -1))
+    out = (args.out if not args.compare else "") or os.path.join(run_folder(ckpt), "eval.json")
+    checkpoint.check_writable(out)  # before the work: results that cannot be written would be lost
     batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
     print(f"evaluating {file} (step {step}, {model.num_params():,} parameters, context {model.config.block_size}) "
           f"on {device}{' with bf16 autocast' if device.type == 'cuda' else ''}")
@@ -500,7 +502,6 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
                     "suite": args.suite, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": time.time() - t0})
-    out = (args.out if not args.compare else "") or os.path.join(run_folder(ckpt), "eval.json")
     checkpoint.save_json(out, results, indent=1)  # a crash mid-write leaves the previous eval.json whole
     print(format_table(results))
     print(f"total {results['seconds']:.1f} s; wrote {out}")

@@ -197,7 +197,11 @@ def read_safetensors(folder):
                                 f"it could run code; convert it to safetensors first)")
     tensors = {}
     for name in files:
-        tensors.update(load_file(os.path.join(folder, name)))
+        try:
+            tensors.update(load_file(os.path.join(folder, name)))
+        except Exception as e:  # safetensors' own error type: a truncated or damaged file, one line naming it
+            raise ValueError(f"{os.path.join(folder, name)}: not a readable safetensors file (truncated or "
+                             f"damaged: {str(e)[:160]})") from None
     return tensors
 
 
@@ -226,8 +230,13 @@ def load_hf_model(path, device="cpu"):
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    with open(config_file) as f:
-        hf = json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of model settings, found a {type(hf).__name__}")
     if hf.get("architecture") == "nanoforge.GPT":  # export.py --format native: our own names, nothing to map
         return _load_native(folder, hf, device)
     fields = gpt_config_from_hf(hf, where=config_file)
@@ -245,21 +254,30 @@ def load_hf_model(path, device="cpu"):
         run["tokenizer"] = tokenizer_file
     elif ours.get("tokenizer"):
         run["tokenizer"] = ours["tokenizer"]
-    config = GPTConfig(**fields)
+    config = GPTConfig.from_dict(fields, where=config_file)
     model = GPT(config)  # random init, then overwritten: simple, and seconds even at 1B parameters
     state = from_hf_state_dict(read_safetensors(folder), config, where=folder)
-    model.load_state_dict(state)  # copies into the fp32 parameters (bf16 files are widened), keeps the tie
+    load_named(model, state, folder)  # copies into the fp32 parameters (bf16 files are widened), keeps the tie
     return model.to(device).eval(), {**fields, **run}
+
+
+def load_named(model, state, folder):
+    """load_state_dict, with a shape or name mismatch (config.json saying one size, the weights another) named as
+    the folder's in one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{folder}: the weights do not fit config.json ({' '.join(str(e).split())[:240]})") from None
 
 
 def _load_native(folder, config, device):
     """An export.py --format native folder: GPTConfig in config.json, nanoforge's names in model.safetensors
     (a tied head stored once, as wte.weight)."""
-    gpt_config = GPTConfig.from_dict(config)
+    gpt_config = GPTConfig.from_dict(config, where=os.path.join(folder, "config.json"))
     model = GPT(gpt_config)
     tensors = read_safetensors(folder)
-    if gpt_config.tie_embeddings:
+    if gpt_config.tie_embeddings and "wte.weight" in tensors:
         tensors["lm_head.weight"] = tensors["wte.weight"]
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    load_named(model, {k: v.float() for k, v in tensors.items()}, folder)
     run = {k: v for k, v in config.items() if k not in ("padded_vocab_size", "dtype", "architecture")}
     return model.to(device).eval(), run

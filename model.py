@@ -52,8 +52,24 @@ class GPTConfig:
     vocab_pad_multiple: int = 64    # the embedding has ceil(vocab_size / this) * this rows; 1 = no padding
     block_size: int = 1024          # the longest context the model is trained for
     norm_eps: float = 1e-5
+    # the smallest value each size may take (head_dim 0 = n_embd // n_head); checked in __post_init__
+    LOWEST = {"n_layer": 1, "n_embd": 1, "n_head": 1, "n_kv_head": 1, "head_dim": 0, "ffn_hidden": 1,
+              "vocab_size": 1, "vocab_pad_multiple": 1, "block_size": 1, "norm_eps": 0.0}
 
     def __post_init__(self):
+        # every field's type and range first: a config comes from flags, presets, checkpoints and Hugging Face
+        # folders alike, and a value that slipped through (n_layer=-2, n_head=0) would fail far from its cause
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, f.type) or isinstance(value, bool) != (f.type is bool):
+                raise ValueError(f"{f.name}={value!r}: must be a{'n' if f.type is int else ''} {f.type.__name__}")
+            if f.name in self.LOWEST and value < self.LOWEST[f.name]:
+                raise ValueError(f"{f.name}={value!r}: must be >= {self.LOWEST[f.name]}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta!r}: must be > 0")
         if self.head_dim == 0:
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim")
@@ -80,10 +96,16 @@ class GPTConfig:
         return (self.vocab_size + m - 1) // m * m
 
     @classmethod
-    def from_dict(cls, d):
-        """Build from any dict (a training config, a checkpoint's config): keys that are not ours are ignored."""
+    def from_dict(cls, d, where=None):
+        """Build from any dict (a training config, a checkpoint's config): keys that are not ours are ignored.
+        where: the file the dict came from, named in the error when a value is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where or 'config'}: expected a dict of model settings, found a {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
 
 class RMSNorm(nn.Module):

@@ -40,7 +40,7 @@ from itertools import islice
 import numpy as np
 
 from shards import ShardError, token_dtype, write_shard
-from tokenizer import get_encoding
+from tokenizer import content_hash, get_encoding
 
 # Named mixtures: (hub dataset, config, text field, score field or None, weight). auto-g-nano interleaved these
 # SmolLM-corpus parts, token-weighted. The score field is where --min_score looks ("a.b" = row["a"]["b"]):
@@ -413,7 +413,8 @@ def write_dataset(args, enc, out, pool):
     notice = writer.finish(args.val_frac)
     if notice:
         print(notice)
-    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
+    meta = {"tokenizer": args.tokenizer, "tokenizer_sha256": content_hash(args.tokenizer),  # by content: a path
+            "vocab_size": enc.n_vocab, "eot": enc.eot_token,                                 # can be retrained
             "shards": [{"file": os.path.basename(f), "tokens": n} for f, n in writer.written],
             "source": args.mix or args.local or f"{args.dataset}:{args.dataset_config}", "val_local": args.val_local,
             "min_score": args.min_score, "val_note": notice}
@@ -469,7 +470,5 @@ def ensure_sample(data_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (DataError, ShardError) as e:
-        sys.exit(f"error: {e}")
+    from configurator import run_script
+    run_script(main, sys.argv[1:], expected=(RuntimeError,))  # DataError, ShardError: ValueErrors

@@ -381,7 +381,9 @@ def main(argv=None):
     rng.shuffle(train)
 
     # ---- render and write: validation first (shard 0), then the training shards ----
+    from tokenizer import content_hash  # what the ids mean, by content: train.py and chat.py compare it
     meta = {"kind": "sft", "format": args.format, "tokenizer": args.tokenizer, "n_vocab": enc.n_vocab,
+            "tokenizer_sha256": content_hash(args.tokenizer),
             "vocab_size": vocab_size, "eot": enc.eot_token, "specials": {t: i for i, t in fmt.specials.items()},
             "layout": args.layout, "block_size": args.block_size, "seed": args.seed, "sources": sources,
             "shards": [], "dropped": {}}
@@ -420,7 +422,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    from configurator import run_script
+    run_script(main, sys.argv[1:], expected=(RuntimeError,))

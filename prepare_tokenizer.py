@@ -95,6 +95,9 @@ def train(texts, vocab_size, name):
     tok, trainer = hf_trainer_and_tokenizer(n_ranks)
     tok.train_from_iterator(texts, trainer=trainer)
     ranks = ranks_from_hf(tok)
+    if len(ranks) == 256:  # nothing was learned: no text, or no pair seen twice
+        raise ValueError("the training text is empty (or has no pair of symbols seen twice): no merge was learned; "
+                         "check --local / --text_field")
     if len(ranks) < n_ranks:  # the text ran out of pairs seen twice: a smaller vocabulary than asked
         print(f"note: the training text supports only {len(ranks) - 256} merges: vocabulary "
               f"{len(ranks) + len(specials)} instead of {vocab_size} (give more text)")
@@ -135,7 +138,16 @@ def main(argv=None):
     p.add_argument("--heldout_docs", type=int, default=50, help="first documents, kept out of training, "
                                                                 "on which compression is reported")
     p.add_argument("--out", required=True, help="the tokenizer file to write (.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
+    # before the (maybe hour-long) training: a data folder prepared with the old file would silently decode to
+    # other text (meta.json records its hash, so train.py and chat.py would refuse it, but better not to break it)
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a folder: give the tokenizer file to write, e.g. "
+                         f"{os.path.join(args.out, 'tokenizer.json')}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out} already exists: data and checkpoints made with it would no longer "
+                         f"match it; choose another name, or pass --overwrite to replace it")
     from prepare_fineweb import iter_hub, iter_local
 
     def documents():
@@ -166,7 +178,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    from configurator import run_script
+    run_script(main, sys.argv[1:])

@@ -143,21 +143,42 @@ def read_meta(data_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: the folder is incomplete (prepare_fineweb.py / prepare_sft.py "
                                 f"write it last; an interrupted prepare leaves none): run the prepare step again")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{path}: not valid JSON ({e}): run the prepare step again") from None
+    need = {"tokenizer": str, "vocab_size": int, "eot": int}  # what every reader of a data folder relies on
+    wrong = [k for k, kind in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise ShardError(f"{path}: {', '.join(wrong)} missing or of the wrong type (expected a JSON object with "
+                         f"tokenizer: a string, vocab_size and eot: integers, as prepare_*.py write it)")
+    return meta
 
 
 def check_headers(data_dir, meta, block_size):
-    """Every shard's header against meta.json (shards of two runs mixed are refused). Returns the number of
-    training windows of block_size (n_windows below)."""
-    train_windows = 0
-    for path in list_shards(data_dir, "val") + list_shards(data_dir, "train"):
-        head = read_header(path)
-        if head["vocab_size"] and (head["vocab_size"], head["eot"]) != (meta["vocab_size"], meta["eot"]):
-            raise ShardError(f"{path}: header says vocabulary {head['vocab_size']} / end-of-text {head['eot']}, "
-                             f"meta.json says {meta['vocab_size']} / {meta['eot']}: shards from different runs")
-        train_windows += n_windows(head["n_tokens"], block_size) if "train_" in os.path.basename(path) else 0
-    return train_windows
+    """Every shard's header against meta.json (shards of two runs mixed are refused), and each split holds at
+    least one window of block_size. Returns the number of training windows of block_size (n_windows below)."""
+    windows, tokens = {"val": 0, "train": 0}, {"val": [], "train": []}
+    for split in windows:
+        for path in list_shards(data_dir, split):
+            head = read_header(path)
+            if head["vocab_size"] and (head["vocab_size"], head["eot"]) != (meta["vocab_size"], meta["eot"]):
+                raise ShardError(f"{path}: header says vocabulary {head['vocab_size']} / end-of-text "
+                                 f"{head['eot']}, meta.json says {meta['vocab_size']} / {meta['eot']}: shards from "
+                                 f"different runs")
+            windows[split] += n_windows(head["n_tokens"], block_size)
+            tokens[split].append(head["n_tokens"])
+        if not windows[split]:
+            raise too_small(data_dir, split, tokens[split], block_size)
+    return windows["train"]
+
+
+def too_small(data_dir, split, shard_tokens, block_size):
+    """The error for a split with no whole window: each needs block_size + 1 tokens of one shard."""
+    return ShardError(f"{data_dir}: the {split} split ({sum(shard_tokens):,} tokens in {len(shard_tokens)} shard(s)) "
+                      f"holds no window of block_size + 1 = {block_size + 1} tokens: use more data or a smaller "
+                      f"block_size")
 
 
 # ---- reading them for training ------------------------------------------------------------------------------
@@ -166,7 +187,7 @@ def check_headers(data_dir, meta, block_size):
 # at step s, or splitting a step over ranks, reads exactly the windows an uninterrupted single process would.
 def n_windows(n_tokens, block_size):
     """Training windows in a shard of n_tokens: block_size inputs + the next token as the last target."""
-    return (n_tokens - 1) // block_size
+    return max(0, n_tokens - 1) // block_size
 
 
 class TokenWindows:
@@ -186,6 +207,8 @@ class TokenWindows:
         self.shards = [open_shard(p, vocab_size) for p in list_shards(data_dir, split)]
         self.first = np.cumsum([0] + [n_windows(info["n_tokens"], block_size) for _, _, info in self.shards])  # starts
         self.n, self.block_size, self.seed, self.shuffle = int(self.first[-1]), block_size, seed, shuffle
+        if self.n == 0:
+            raise too_small(data_dir, split, [info["n_tokens"] for _, _, info in self.shards], block_size)
         self._perm_epoch = self._perm = None
         self._rings = {}  # (count, with doc starts) -> [pinned buffers, their copy events, next slot]
 

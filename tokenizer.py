@@ -68,6 +68,35 @@ def get_encoding(spec):
         "is one written by prepare_tokenizer.py or a Hugging Face tokenizer.json"))
 
 
+def content_hash(spec):
+    """sha256 of what the tokenizer *is*, not what it is called: a path can be retrained in place and a name
+    can point elsewhere on another machine. For a tiktoken encoding (gpt2, cl100k_base, our BPE files): its split
+    pattern, its byte sequences in rank order and its special tokens; for a Hugging Face tokenizer.json, the file.
+    prepare_*.py record it in meta.json, train.py in the checkpoint; check_same() compares them later."""
+    import hashlib
+    enc = get_encoding(spec)
+    if isinstance(enc, HFEncoding):
+        with open(enc.path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    h = hashlib.sha256(enc._pat_str.encode())
+    for token in sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get):
+        h.update(len(token).to_bytes(2, "little") + token)
+    h.update(json.dumps(sorted(enc._special_tokens.items())).encode())
+    return h.hexdigest()
+
+
+def check_same(spec, recorded, where, now=None):
+    """The tokenizer `spec` must still be the one `where` recorded (its content_hash, `recorded`); a record made
+    before hashes were kept (None) is taken on trust. now: the hash to compare with (default: spec's today)."""
+    if not recorded:
+        return
+    now = now or content_hash(spec)
+    if recorded != now:
+        raise ValueError(f"tokenizer '{spec}' has changed: {where} recorded sha256 {recorded[:12]}..., the tokenizer "
+                         f"is {now[:12]}... now (retrained or replaced?); its ids would decode to other text: "
+                         f"restore the original file, or prepare the data (and train) again with this one")
+
+
 def load_gpt2():
     """GPT-2's tokenizer from the ranks shipped in assets/ (exactly tiktoken's "gpt2": same ranks, split pattern,
     end-of-text id 50256, n_vocab 50257)."""
@@ -154,7 +183,10 @@ class HFEncoding:
     def __init__(self, path):
         from tokenizers import Tokenizer
         self.path = self.name = path
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust library's own error type: a damaged or unsupported file
+            raise ValueError(f"tokenizer file {path}: damaged or unsupported ({str(e)[:160]})") from None
         self.tok.encode_special_tokens = True  # encode_ordinary: "<|endoftext|>" in a document is just text
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)

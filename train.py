@@ -27,6 +27,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) or before the
     # os._exit, not sys.exit: a SystemExit raised inside a half-done import (numpy's, torch's) can end in a
     # traceback from the half-made module on the way out; nothing is open or unsaved yet
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+import hashlib
 import json
 import math
 import time
@@ -40,11 +41,12 @@ import torch.distributed as dist
 import checkpoint
 import kernels
 import parallel as parallel_  # the module; `parallel` is the setting below
-from configurator import ConfigError, check_values, configure, script_defaults
+from configurator import ConfigError, check_values, configure, run_script, script_defaults
 from device import autocast, pick_device, pick_dtype
 from device import peak_flops as device_peak_flops  # (the name peak_flops is the setting below)
 from model import GPT, GPTConfig, weight_decayed
 from shards import TokenWindows, check_headers, read_meta  # TokenWindows: the data, a function of (seed, sample)
+from tokenizer import check_same, content_hash
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters. Defaults describe gpt2_124m; presets in config/ and --key=value flags override them.
@@ -107,7 +109,9 @@ CHOICES = {"lr_schedule": ("cosine", "poly", "wsd", "constant"), "optimizer": ("
 AT_LEAST = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
             "max_iters": 0, "total_batch_tokens": 1, "gradient_accumulation_steps": 0, "hess_interval": 1,
             "warmup_iters": 0, "learning_rate": 0.0, "min_lr": 0.0, "grad_clip": 0.0, "epochs": 0.0,
-            "profile_steps": 0}
+            "profile_steps": 0, "lr_decay_iters": 0, "poly_power": 0.0, "wsd_decay_frac": 0.0,
+            "warmup_frac": (0.0, 1.0), "weight_decay": 0.0, "sophia_rho": 0.0, "muon_lr": 0.0, "peak_flops": 0.0,
+            "seed": 0, "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0)}  # (lo, hi): lo <= v < hi
 
 
 # ---- the run: the settings, then the facts of the data and of the checkpoint -----------------------------------
@@ -134,8 +138,12 @@ def resolve(cfg):
             raise ConfigError(f"{key}={cfg[key]!r}, but {run.data_dir}/meta.json says its shards have {key} "
                               f"{want!r}: drop the setting (the data's is used) or point data_dir elsewhere")
     run.tokenizer, run.model = meta["tokenizer"], {**{k: cfg[k] for k in MODEL_KEYS}, "vocab_size": data_vocab}
+    run.tokenizer_sha256 = check_tokenizer(run.data_dir, meta)  # what the run depends on, by content
+    with open(os.path.join(run.data_dir, "meta.json"), "rb") as f:  # the data's identity: its shards, their counts
+        run.data_sha256 = hashlib.sha256(f.read()).hexdigest()
     if run.init_from != "scratch":
-        run.ckpt_path = checkpoint.find(run.out_dir if run.init_from == "resume" else run.init_from)
+        source = run.out_dir if run.init_from == "resume" else run.init_from
+        run.ckpt_path = source if checkpoint.is_hf_folder(source) else checkpoint.find(source)
         run.ckpt = checkpoint.load(run.ckpt_path)
         adopt_architecture(run, run.ckpt["config"], given)
     run.__dict__.update(run.model)
@@ -146,7 +154,8 @@ def resolve(cfg):
         raise ConfigError(f"{run.out_dir} already holds a run: continue it with --init_from=resume, or choose "
                           f"another --out_dir (or pass --overwrite=True to replace it)")
     resolve_batch(run)
-    run.config.update(run.model, tokenizer=run.tokenizer, max_iters=run.max_iters, warmup_iters=run.warmup_iters,
+    run.config.update(run.model, tokenizer=run.tokenizer, tokenizer_sha256=run.tokenizer_sha256,
+                      data_sha256=run.data_sha256, max_iters=run.max_iters, warmup_iters=run.warmup_iters,
                       **({"chat_format": run.chat_format} if hasattr(run, "chat_format") else {}))
     return run
 
@@ -160,10 +169,32 @@ def adopt_architecture(run, saved, given):
     if differ:
         raise ValueError(f"{run.ckpt_path} was trained with another setup than this run asks for: "
                          f"{', '.join(differ)}. Drop those overrides, or start a fresh run in another out_dir")
+    if run.init_from == "resume" and saved.get("optimizer", run.optimizer) != run.optimizer:
+        raise ValueError(f"optimizer={run.optimizer!r}, but {run.ckpt_path} was trained with {saved['optimizer']!r}, "
+                         f"whose state cannot drive another optimizer: resume with --optimizer={saved['optimizer']}, "
+                         f"or start a new run from its weights (--init_from={run.ckpt_path}, another out_dir)")
     if saved.get("tokenizer") and saved["tokenizer"] != run.tokenizer:
         raise ValueError(f"tokenizer mismatch: the checkpoint {run.ckpt_path} was trained with "
                          f"'{saved['tokenizer']}' but {run.data_dir} was tokenized with '{run.tokenizer}'")
+    check_same(run.tokenizer, saved.get("tokenizer_sha256"), run.ckpt_path, run.tokenizer_sha256)
+    if run.init_from == "resume" and saved.get("data_sha256", run.data_sha256) != run.data_sha256:
+        raise ValueError(f"{run.data_dir}/meta.json is not the data {run.ckpt_path} was trained on (meta.json "
+                         f"sha256 {saved['data_sha256'][:12]}... then, {run.data_sha256[:12]}... now: prepared "
+                         f"again, or another folder): its saved data position means nothing here; resume on that "
+                         f"data, or start from the weights with --init_from={run.ckpt_path} in another out_dir")
     run.model = {k: saved[k] for k in MODEL_KEYS if k in saved}
+
+
+def check_tokenizer(data_dir, meta):
+    """The tokenizer meta.json names must load now (not at the end of training) and still be the one that made
+    the shards (its content hash, when meta.json records one). Returns the hash, which the checkpoint keeps."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        now = content_hash(meta["tokenizer"])
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"{path} names tokenizer '{meta['tokenizer']}', which cannot be loaded: {e}") from None
+    check_same(meta["tokenizer"], meta.get("tokenizer_sha256"), path, now)
+    return now
 
 
 def check_model_fits_data(run, meta, model_cfg):
@@ -221,6 +252,9 @@ def resolve_batch(run):
             raise ConfigError(f"{run.ckpt_path} holds weights only (a best.pt?): start a run from it with "
                               f"--init_from={run.ckpt_path} instead of resuming")
         run.start_step, run.ckpt_best_val = run.ckpt["step"], run.ckpt["best_val_loss"]
+        if run.start_step > run.max_iters:  # the loop ends at step == max_iters: it would never come
+            raise ConfigError(f"max_iters={run.max_iters}, but {run.ckpt_path} is already at step {run.start_step}: "
+                              f"nothing is left to train; resume with a larger max_iters (or the run's own)")
         run.data_offset = run.ckpt["data"]["next_sample"] - first_sample(run, run.start_step)  # first_sample^-1
 
 
@@ -379,14 +413,18 @@ def open_run_folder(run):
     line is an error naming it. Resuming must not depend on a log, nor silently lose one. Returns the lock."""
     os.makedirs(run.out_dir, exist_ok=True)
     lock = lock_run_folder(run.out_dir)
+    checkpoint.remove_stale_temporaries(run.out_dir)  # a killed save's leftovers: the lock says they are dead
     path, kept = os.path.join(run.out_dir, "metrics.jsonl"), []
-    lines = open(path).read().splitlines() if run.resumed and os.path.exists(path) else []
+    with open(path, "rb") if run.resumed and os.path.exists(path) else nullcontext(None) as f:
+        lines = f.read().splitlines() if f else []
     for i, line in enumerate(lines):
-        try:
+        try:  # bytes, so a line that is not UTF-8 is named like any other bad line
+            line = line.decode("utf-8")
             kept += [line + "\n"] if json.loads(line)["step"] <= run.start_step else []
-        except json.JSONDecodeError:
+        except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or no step: not train.py's line
             if i < len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1} is not valid JSON: fix or delete that line") from None
+                raise ValueError(f"{path}:{i + 1} is not valid JSON (UTF-8, with a step): fix or delete that "
+                                 f"line") from None
             print(f"{path}: dropping the torn last line (line {i + 1}), cut off when the run was killed")
     with open(path, "w") as f:
         f.writelines(kept)
@@ -396,12 +434,22 @@ def open_run_folder(run):
 
 
 def plot_losses(out_dir):
-    """loss.png beside metrics.jsonl: the train loss per logged step and the validation points."""
+    """loss.png beside metrics.jsonl: the train loss per logged step and the validation points. Drawn in a
+    `finally` at the end of every run, so it must never raise: an error here (a full disk, say) would replace
+    the one that ended the run. It says what went wrong instead."""
+    try:
+        draw_losses(out_dir)
+    except Exception as e:
+        print(f"(loss.png not written: {type(e).__name__}: {e})")
+
+
+def draw_losses(out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     path = os.path.join(out_dir, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path) if line.endswith("}\n")] if os.path.exists(path) else []
+    rows = [json.loads(line) for line in open(path, errors="replace") if line.endswith("}\n")] \
+        if os.path.exists(path) else []
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -411,8 +459,11 @@ def plot_losses(out_dir):
             ax.plot(*zip(*points), style, label=label, lw=1, ms=3)
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=os.path.basename(os.path.abspath(out_dir)))
     ax.grid(alpha=0.3), ax.legend(), fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
+    try:  # through checkpoint.save: a full disk leaves the old loss.png (or none), never a 0-byte one
+        checkpoint.save(os.path.join(out_dir, "loss.png"), fig,
+                        writer=lambda f, tmp: f.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +487,7 @@ def train(cfg, model=None):
         if raw_model.config != want:
             raise ValueError(f"the model handed to train() is {raw_model.config}, the run asks for {run.model}")
         if run.ckpt is not None:
-            raw_model.load_state_dict(run.ckpt["model"])
+            checkpoint.load_weights(raw_model, run.ckpt, run.ckpt_path)
         # `model` is what runs (compiled, DDP-wrapped or FSDP-sharded); raw_model's names are what is saved
         model = parallel_.wrap(raw_model.to(run.device), run)
         rows = raw_model.config.padded_vocab_size
@@ -600,11 +651,10 @@ def leave():
 
 def main(defaults, argv, prepare=None):
     """The command line of train.py and sft.py: a named error is one line and exit 1, never a traceback."""
-    try:
+    def start(argv):
         cfg = configure(defaults, argv)
         train(prepare(cfg) if prepare else cfg)
-    except (ValueError, FloatingPointError, OSError) as e:  # OSError: FileNotFoundError too
-        sys.exit(f"error: {e}")
+    run_script(start, argv)
     leave()
 
 
