@@ -82,7 +82,7 @@ import torch.nn.functional as F
 import checkpoint
 
 from eval_tasks import (DEFAULT_DATA_ROOT, LRC_COLUMNS, LRC_REFERENCE, SUITES, TASKS, load_items, read_rows,
-                        resolve_tasks)
+                        resolve_tasks, task_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BPB_FILE = os.path.join(ROOT, "..", "shared", "data", "openstax_edu_text", "sample_50.jsonl")
@@ -331,6 +331,16 @@ def bits_per_byte(model, enc, docs, block_size, device, stride=None, batch_size=
 
 
 # ---- a whole suite -------------------------------------------------------------------------------------------
+def online_only(names, data_root, online):
+    """The tasks of a suite that only --online can run here: no local file, but a hub dataset. A suite runs the
+    rest and marks these "needs --online" (offline, the LRC suite has 7 of its 9 columns: ../shared holds no SciQ
+    and no MMLU). Named tasks (--tasks) are never skipped, and a suite with nothing on disk is still the error
+    that names the missing file, not an empty table."""
+    missing = {n: task_path(n, data_root) for n in names
+               if not online and TASKS[n].hub and not os.path.exists(task_path(n, data_root))}
+    return missing if len(missing) < len(names) else {}
+
+
 def prepare(names, data_root=DEFAULT_DATA_ROOT, limit=None, online=False, bpb_file=None):
     """Every task's items and the bits-per-byte text, read and checked before any model is loaded, so a bad
     row in the last file cannot cost the results of the tasks before it."""
@@ -381,6 +391,8 @@ def format_table(results):
         lines.append(f"{label:<30}{r['n']:>7}{fmt(r['acc']):>9}{fmt(r.get('acc_norm')):>10}"
                      f"{fmt(r.get('acc_token')):>11}{fmt(r['chance']):>8}{fmt(r['stderr']):>8}  {other:<13}"
                      f"{r.get('seconds', 0):>7.1f}")
+    lines += [f"{name:<30}{'needs --online':>21}  (no local file {path})"
+              for name, path in results.get("needs_online", {}).items()]
     b = results.get("bpb")
     if b:
         lines.append(f"bits per byte {b['bpb']:.4f}  ({os.path.basename(b['file'])}: {b['documents']} documents, "
@@ -444,10 +456,14 @@ def lrc_table(named_results, reference=False):
     notes = []
     for name, res in named_results:
         row, run_notes = lrc_row(res)
+        online = [col for col, task, _ in LRC_COLUMNS if task in res.get("needs_online", {})]
         flagged = {col for col, _ in run_notes}
-        lines.append(f"{name:<{width}}" + "".join(f"{fmt(row[c], '.2f') + ('*' if c in flagged else ''):>8}"
-                                                  for c in cols))
+        cells = ["online" if c in online else fmt(row[c], ".2f") + ("*" if c in flagged else "") for c in cols]
+        lines.append(f"{name:<{width}}" + "".join(f"{cell:>8}" for cell in cells))
         notes += [f"  * {name} {col}: {note}" for col, note in run_notes]
+        if online:
+            notes.append(f"  {name} {', '.join(online)}: needs --online (no local file; --online fetches the hub's "
+                         f"copy with `datasets`), so no average")
         if res.get("limit"):
             notes.append(f"  {name}: the first {res['limit']} items of each task only, not the full sets")
     return "\n".join(lines + notes)
@@ -477,7 +493,7 @@ def read_results(path):
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it to evaluate again") from None
 
 
-def evaluate_checkpoint(ckpt, args, tasks, bpb):
+def evaluate_checkpoint(ckpt, args, tasks, bpb, needs_online=None):
     """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
     from tokenizer import get_encoding  # the one loader: tiktoken names (offline too), our BPE files, tokenizer.json
     device = checkpoint.pick_device(args.device)
@@ -495,7 +511,7 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
           f"on {device}{' with bf16 autocast' if device.type == 'cuda' else ''}")
     results = evaluate(model, enc, tasks, model.config.block_size, device, bpb, args.bpb_stride or None,
                        args.batch_size, batch_tokens, progress=True)
-    results.update({"ckpt": os.path.abspath(file), "step": step, "tokenizer": enc.name, "limit": args.limit,
+    results.update({"needs_online": needs_online or {}, "ckpt": os.path.abspath(file), "step": step, "tokenizer": enc.name, "limit": args.limit,
                     "suite": args.suite, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": time.time() - t0})
@@ -542,6 +558,8 @@ def main(argv=None):
         # (a typo in a name must not cost a model load, and a missing checkpoint must not cost reading
         # 14k MMLU rows; --compare re-evaluates only the runs that have no eval.json yet)
         names = resolve_tasks(args.tasks, args.suite)
+        needs_online = online_only(names, args.data_root, args.online) if args.tasks is None else {}
+        names = [n for n in names if n not in needs_online]
         if args.reference and args.suite != "lrc":
             raise ValueError("--reference adds the published LRC-1.5B-SFT row to --suite lrc's table")
         runs = args.compare or [args.ckpt]
@@ -551,7 +569,8 @@ def main(argv=None):
             check_checkpoint(run)
         bpb_file = None if args.bpb_file.lower() in ("", "none") else args.bpb_file
         tasks, bpb = prepare(names, args.data_root, args.limit, args.online, bpb_file) if todo else (None, None)
-        named = [(run_name(r), evaluate_checkpoint(r, args, tasks, bpb) if r in todo else read_results(stored[r]))
+        named = [(run_name(r), evaluate_checkpoint(r, args, tasks, bpb, needs_online) if r in todo
+                  else read_results(stored[r]))
                  for r in runs]
         if args.suite == "lrc" or args.compare:
             print(lrc_table(named, args.reference) if args.suite == "lrc" else compare_table(named))
