@@ -52,8 +52,10 @@ multiple of 64) are sliced off, which renormalises over the tokens that can occu
 
 TOO LONG FOR THE CONTEXT WINDOW. The model sees at most block_size positions; a sequence context + continuation
 may hold block_size + 1 tokens (the last token is only a target). Longer ones are LEFT-truncated: we drop the
-beginning of the context and keep the whole continuation, as lm-evaluation-harness does. (A continuation longer
-than block_size is an error.) The JSON records how many items were truncated per task.
+beginning of the context and keep the whole continuation, as lm-evaluation-harness does. The JSON records how
+many items were truncated per task. A continuation longer than block_size itself (a 246-token PIQA solution
+against a 128-token tiny model; the harness refuses those) is scored in pieces of block_size / 2 tokens, each
+after the block_size / 2 + 1 tokens before it: the sliding windows of bits per byte, below.
 
 BITS PER BYTE. Cross-entropy per token depends on the tokenizer; per byte of UTF-8 text it does not:
 
@@ -102,18 +104,16 @@ def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, 
     """requests: [(context_ids, continuation_ids)]. Returns a dict of numpy arrays over the requests:
     logprob (summed over the continuation, nats, float64), n_tokens, greedy (every continuation token is the
     argmax of its distribution), and `truncated`, the number of contexts cut on the left."""
-    seqs, truncated = [], 0
-    for ctx, cont in requests:
+    seqs, owner, truncated = [], [], 0     # owner[k]: the request that piece k of the scoring belongs to
+    for r, (ctx, cont) in enumerate(requests):
         if len(cont) == 0:
             raise ValueError("empty continuation: nothing to score")
         if len(ctx) == 0:
             raise ValueError("empty context: start it with the end-of-text token")
-        if len(cont) > block_size:
-            raise ValueError(f"continuation of {len(cont)} tokens is longer than the context ({block_size})")
-        keep = block_size + 1 - len(cont)   # the sequence may hold block_size + 1 tokens: the last is never input
-        truncated += len(ctx) > keep
-        ctx = list(ctx[-keep:])
-        seqs.append((ctx + list(cont), len(ctx)))
+        pieces = fit_window(list(ctx), list(cont), block_size)
+        truncated += pieces[0][1] < len(ctx)        # the first piece holds what is left of the context
+        seqs += pieces
+        owner += [r] * len(pieces)
 
     n = len(seqs)
     logprob, greedy = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
@@ -151,8 +151,24 @@ def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, 
         bar.update(len(rows))
         i += len(rows)
     bar.close()
-    n_tokens = np.array([len(toks) - n_ctx for toks, n_ctx in seqs])
-    return {"logprob": logprob, "greedy": greedy, "n_tokens": n_tokens, "truncated": int(truncated)}
+    owner, n_req = np.array(owner, dtype=np.int64), len(requests)       # a request's pieces: summed, all greedy
+    return {"logprob": np.bincount(owner, weights=logprob, minlength=n_req),
+            "greedy": np.bincount(owner, weights=~greedy, minlength=n_req) == 0,
+            "n_tokens": np.array([len(cont) for _, cont in requests]), "truncated": int(truncated)}
+
+
+def fit_window(ctx, cont, block_size):
+    """[(tokens, n_ctx)]: sequences of at most block_size + 1 tokens (the last is only a target) that together
+    score every continuation token once. Usually one: the context cut on the left. A continuation longer than
+    block_size goes in pieces of block_size // 2 tokens, each after as many of the tokens before it as fit."""
+    full, start, pieces = ctx + cont, len(ctx), []
+    step = len(cont) if len(cont) <= block_size else max(1, block_size // 2)
+    while start < len(full):
+        end = min(start + step, len(full))
+        lo = max(0, end - (block_size + 1))
+        pieces.append((full[lo:end], start - lo))
+        start = end
+    return pieces
 
 
 @torch.no_grad()
