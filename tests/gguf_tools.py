@@ -22,6 +22,7 @@ The converter's own Python needs (numpy, torch, transformers, sentencepiece; ggu
 in requirements.txt. This is a test helper, not a chapter of the tutorial: a user with llama.cpp installed runs
 its converter and tools directly (README, "GGUF").
 """
+import contextlib
 import json
 import os
 import shutil
@@ -98,6 +99,40 @@ def bindings():
         sys.path.insert(0, SRC)
     import llama_cpp
     return llama_cpp
+
+
+@contextlib.contextmanager
+def llama(path, n_ctx=0):
+    """A .gguf loaded by llama.cpp through the bindings: CPU, one thread, logits at every position; n_ctx 0 is
+    the model's own context. Closed on exit (the bindings' own finaliser complains at interpreter shutdown)."""
+    llm = bindings().Llama(model_path=path, n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def compare(model, llm, id_lists):
+    """Next-token distributions of a nanoforge model and a llama.cpp model on the same token ids, at every
+    position: {"kl": mean KL(ours || llama.cpp) in nats, "kl_max", "top1": positions where the argmax agrees,
+    "positions", "logit_diff": the largest |logit difference|, "entropy": our mean entropy in nats}."""
+    import numpy as np
+    import torch
+    kls, ents, top1, diff = [], [], 0, 0.0
+    for ids in id_lists:
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]))[0][0].double()
+        llm.reset()
+        llm.eval(ids)
+        theirs = torch.from_numpy(np.asarray(llm.scores[:len(ids)], dtype=np.float64))
+        diff = max(diff, (ours - theirs).abs().max().item())
+        lp, lq = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
+        kls.append((lp.exp() * (lp - lq)).sum(-1))
+        ents.append(-(lp.exp() * lp).sum(-1))
+        top1 += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+    kl, ent = torch.cat(kls), torch.cat(ents)
+    return {"kl": kl.mean().item(), "kl_max": kl.max().item(), "top1": top1, "positions": len(kl),
+            "logit_diff": diff, "entropy": ent.mean().item()}
 
 
 def gguf_py():

@@ -11,13 +11,12 @@ For the gpt2 tokenizer (tied head) and cl100k_base (untied head), both with grou
     every prompt is printed and bounded;
   * the chat template in the GGUF, rendered by llama.cpp's own Jinja engine (llama-server --jinja,
     /apply-template), is chat_format.render's prompt, and llama.cpp tokenizes it to render's ids.
-The checkpoint is train.py's, trained 60 steps on the shipped sample, once per tokenizer.
+The checkpoint is train.py's, trained 30 steps on the shipped sample, once per tokenizer.
 """
 import json
 import os
 
 import pytest
-import torch
 
 import export
 import gguf_tools as lc
@@ -33,8 +32,8 @@ pytestmark = pytest.mark.skipif(not lc.built(), reason=f"llama.cpp is not built 
 PROMPTS = ["The cell membrane is", "In 1492, Columbus sailed", "Photosynthesis converts light energy into",
            "def f(x):\n    return x ** 2  # 12345 apples"]
 NEW_TOKENS = 24
-TRAIN_STEPS = 60          # TINY_TEST_MODEL: 2 layers, d 64, 4 query / 2 key-value heads, 256 tokens a step
-Q8_MAX_KL = 0.05          # nats; measured in the test's printout (bench/results/gguf.md)
+TRAIN_STEPS = 30          # TINY_TEST_MODEL: 2 layers, d 64, 4 query / 2 key-value heads, 256 tokens a step
+Q8_MAX_KL = 1e-3          # nats, mean over positions; measured: ~1e-6 here, 3.5e-5 on a 56-step run (gguf.md)
 CASES = {"gpt2-tied": ("gpt2", True, "gpt-2"), "cl100k-untied": ("cl100k_base", False, "dbrx")}
 CONVERSATION = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "What is a cell?"},
@@ -50,7 +49,7 @@ def trained_run(folder, tokenizer, tied):
     import train
     data, run = folder / "data", folder / "run"
     prepare_fineweb.main(["--local", prepare_fineweb.SAMPLE, "--out_dir", str(data), "--tokenizer", tokenizer,
-                          "--val_tokens", "5000", "--max_tokens", "60000", "--workers", "1"])
+                          "--val_tokens", "2000", "--max_tokens", "20000", "--workers", "1"])
     train.train(configure(train.DEFAULTS, TINY_TEST_MODEL + [
         f"--data_dir={data}", f"--out_dir={run}", f"--tie_embeddings={tied}", f"--max_iters={TRAIN_STEPS}",
         f"--eval_interval={TRAIN_STEPS}", f"--log_interval={TRAIN_STEPS}"]))
@@ -74,25 +73,8 @@ def case(request, tmp_path_factory):
             "fmt": ChatFormat("chatml", enc)}
 
 
-def load(path):
-    """A llama.cpp model through the bindings: CPU, one thread, logits at every position."""
-    return lc.bindings().Llama(model_path=path, n_ctx=256, n_threads=1, logits_all=True, verbose=False)
-
-
 def prompt_ids(enc, text):
     return [enc.eot_token] + enc.encode_ordinary(text)   # nanoforge's documents begin with end-of-text
-
-
-def our_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0][0].double()
-
-
-def their_logits(llm, ids):
-    import numpy as np
-    llm.reset()
-    llm.eval(ids)
-    return torch.from_numpy(np.asarray(llm.scores[:len(ids)], dtype=np.float64))
 
 
 def test_metadata_and_tokenizer(case):
@@ -106,45 +88,37 @@ def test_metadata_and_tokenizer(case):
     assert value("tokenizer.ggml.bos_token_id") == enc.eot_token and not value("tokenizer.ggml.add_bos_token")
     assert value("tokenizer.ggml.eos_token_id") == fmt.ids["end"]
     assert value("llama.attention.head_count_kv") == 2 and value("llama.context_length") == 64
-    llm = load(case["ggufs"]["f32"])
     texts = PROMPTS + [" leading space", "tabs\tand\n\nnewlines  ", "ünïcödé 日本語 🙂", "1234567 3.14159"]
     if os.path.exists(OPENSTAX):
         texts += [json.loads(line)["text"] for line in open(OPENSTAX, encoding="utf-8")]
-    for text in texts:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text), text[:60]
+    with lc.llama(case["ggufs"]["f32"]) as llm:
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text), text[:60]
 
 
 def test_f32_greedy_tokens_are_ours(case):
-    llm = load(case["ggufs"]["f32"])
-    for text in PROMPTS:
-        ids = prompt_ids(case["enc"], text)
-        ours = generate(case["model"], ids, GenerationConfig(temperature=0, max_new_tokens=NEW_TOKENS))
-        llm.reset()
-        theirs = []
-        for token in llm.generate(ids, temp=0.0, reset=True):   # llama.cpp's greedy sampler
-            theirs.append(token)
-            if len(theirs) == NEW_TOKENS:
-                break
-        assert theirs == list(ours), f"{case['name']} {text!r}: llama.cpp {theirs} vs ours {list(ours)}"
-        diff = (their_logits(llm, ids + theirs) - our_logits(case["model"], ids + theirs)).abs().max().item()
-        assert diff < 2e-3, f"{case['name']} {text!r}: logits differ by {diff}"
+    with lc.llama(case["ggufs"]["f32"]) as llm:
+        for text in PROMPTS:
+            ids = prompt_ids(case["enc"], text)
+            ours = list(generate(case["model"], ids, GenerationConfig(temperature=0, max_new_tokens=NEW_TOKENS)))
+            llm.reset()
+            theirs = []
+            for token in llm.generate(ids, temp=0.0, reset=True):   # llama.cpp's greedy sampler
+                theirs.append(token)
+                if len(theirs) == NEW_TOKENS:
+                    break
+            assert theirs == ours, f"{case['name']} {text!r}: llama.cpp {theirs} vs ours {ours}"
+            same = lc.compare(case["model"], llm, [ids + ours])
+            assert same["logit_diff"] < 2e-3 and same["top1"] == same["positions"], (text, same)
 
 
 def test_q8_0_next_token_distribution_is_close(case, capsys):
-    llm = load(case["ggufs"]["q8_0"])
-    kls, agree, n = [], 0, 0
-    for text in PROMPTS:
-        ids = prompt_ids(case["enc"], text)
-        ours = torch.log_softmax(our_logits(case["model"], ids), -1)
-        theirs = torch.log_softmax(their_logits(llm, ids), -1)
-        kls.append((ours.exp() * (ours - theirs)).sum(-1))          # KL(ours || q8_0) at every position
-        agree += (ours.argmax(-1) == theirs.argmax(-1)).sum().item()
-        n += len(ids)
-    kl = torch.cat(kls)
+    with lc.llama(case["ggufs"]["q8_0"]) as llm:
+        r = lc.compare(case["model"], llm, [prompt_ids(case["enc"], text) for text in PROMPTS])
     with capsys.disabled():
-        print(f"\n[gguf] {case['name']} q8_0: mean KL(ours || llama.cpp) {kl.mean():.2e} nats, max {kl.max():.2e}, "
-              f"top-1 agrees at {agree}/{n} positions")
-    assert kl.mean() < Q8_MAX_KL
+        print(f"\n[gguf] {case['name']} q8_0: mean KL(ours || llama.cpp) {r['kl']:.2e} nats (max {r['kl_max']:.2e}), "
+              f"top-1 agrees at {r['top1']}/{r['positions']} positions, our entropy {r['entropy']:.2f} nats")
+    assert r["kl"] < Q8_MAX_KL
 
 
 def as_text(ids, fmt, enc):
@@ -166,5 +140,5 @@ def test_chat_template_renders_in_llama_cpp(case):
     with lc.Server(case["ggufs"]["f32"]) as server:
         prompt = server.post("/apply-template", {"messages": CONVERSATION})["prompt"]
     assert prompt == as_text(want, fmt, enc)
-    llm = load(case["ggufs"]["f32"])
-    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == want
+    with lc.llama(case["ggufs"]["f32"]) as llm:
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == want
