@@ -32,8 +32,9 @@ pytestmark = pytest.mark.skipif(not lc.built(), reason=f"llama.cpp is not built 
 PROMPTS = ["The cell membrane is", "In 1492, Columbus sailed", "Photosynthesis converts light energy into",
            "def f(x):\n    return x ** 2  # 12345 apples"]
 NEW_TOKENS = 24
-TRAIN_STEPS = 30          # TINY_TEST_MODEL: 2 layers, d 64, 4 query / 2 key-value heads, 256 tokens a step
-Q8_MAX_KL = 1e-3          # nats, mean over positions; measured: ~1e-6 here, 3.5e-5 on a 56-step run (gguf.md)
+TRAIN_STEPS = 30          # TINY_TEST_MODEL (2 layers, d 64, 4 query / 2 key-value heads, 256 tokens a step) at
+                          # lr 1e-2: entropy ~7.5 nats after 30 steps (3e-3 leaves it near uniform, 10+ nats)
+Q8_MAX_KL = 1e-3          # nats, mean over positions (measured: bench/results/gguf.md)
 CASES = {"gpt2-tied": ("gpt2", True, "gpt-2"), "cl100k-untied": ("cl100k_base", False, "dbrx")}
 CONVERSATION = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "What is a cell?"},
@@ -52,7 +53,7 @@ def trained_run(folder, tokenizer, tied):
                           "--val_tokens", "2000", "--max_tokens", "20000", "--workers", "1"])
     train.train(configure(train.DEFAULTS, TINY_TEST_MODEL + [
         f"--data_dir={data}", f"--out_dir={run}", f"--tie_embeddings={tied}", f"--max_iters={TRAIN_STEPS}",
-        f"--eval_interval={TRAIN_STEPS}", f"--log_interval={TRAIN_STEPS}"]))
+        f"--eval_interval={TRAIN_STEPS}", f"--log_interval={TRAIN_STEPS}", "--learning_rate=1e-2"]))
     return str(run)
 
 
