@@ -23,6 +23,7 @@ in requirements.txt. This is a test helper, not a chapter of the tutorial: a use
 its converter and tools directly (README, "GGUF").
 """
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ import time
 import urllib.request
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the llama.cpp we convert and run with
+SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"   # of its sdist, as PyPI serves it
 HOME = os.environ.get("NANOFORGE_LLAMA_CPP") or os.path.expanduser(f"~/.cache/nanoforge/llama.cpp-{VERSION}")
 SRC = os.path.join(HOME, "src")                       # the unpacked sdist (the Python bindings live here)
 LLAMA = os.path.join(SRC, "vendor", "llama.cpp")      # llama.cpp's own tree
@@ -60,11 +62,16 @@ def run(cmd, **kw):
 
 
 def unpack_sdist():
-    """pip fetches the pinned sdist; it is unpacked into SRC (tarfile's 'data' filter: no links out, no devices)."""
+    """pip fetches the pinned sdist, its hash is checked, and it is unpacked into SRC (tarfile's 'data' filter: no
+    links out of the folder, no devices)."""
     download = os.path.join(HOME, "download")
     run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", download,
          f"llama-cpp-python=={VERSION}"])
     archive = os.path.join(download, f"llama_cpp_python-{VERSION}.tar.gz")
+    with open(archive, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != SHA256:
+        sys.exit(f"error: {archive} has sha256 {digest}, expected {SHA256}: not the pinned release")
     shutil.rmtree(SRC, ignore_errors=True)
     with tarfile.open(archive) as tar:
         tar.extractall(HOME, filter="data")
