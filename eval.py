@@ -36,7 +36,9 @@ SUITES. `--suite core` (the default) is the set above; `--suite lrc` is the LRC 
 ARC-E, ARC-C, LogiQA, CSQA, PIQA, WinoG, BoolQ, SciQ, MMLU and their average, each in the metric the paper
 reports (eval_tasks.LRC_COLUMNS), printed as one row per checkpoint; `--reference` adds the published
 LRC-1.5B-SFT row. MMLU's 57 subjects: acc is the mean over all items (the harness's `mmlu` number), acc_macro
-the mean over subjects, and eval.json holds each subject's own numbers.
+the mean over subjects, and eval.json holds each subject's own numbers. A suite runs the tasks it finds on disk
+and marks the others "needs --online" (offline, the LRC table has 7 filled columns: ../shared has no SciQ and no
+MMLU) and gives no average then; a task named with --tasks whose file is missing is an error.
 
 NOTHING IS LOST. Every task file (every row of it) and the bits-per-byte text are read and checked before
 the model is loaded; a bad row is one line naming its file and line. eval.json is written to a temporary
