@@ -36,7 +36,9 @@ SUITES. `--suite core` (the default) is the set above; `--suite lrc` is the LRC 
 ARC-E, ARC-C, LogiQA, CSQA, PIQA, WinoG, BoolQ, SciQ, MMLU and their average, each in the metric the paper
 reports (eval_tasks.LRC_COLUMNS), printed as one row per checkpoint; `--reference` adds the published
 LRC-1.5B-SFT row. MMLU's 57 subjects: acc is the mean over all items (the harness's `mmlu` number), acc_macro
-the mean over subjects, and eval.json holds each subject's own numbers.
+the mean over subjects, and eval.json holds each subject's own numbers. A suite runs the tasks it finds on disk
+and marks the others "needs --online" (offline, the LRC table has 7 filled columns: ../shared has no SciQ and no
+MMLU) and gives no average then; a task named with --tasks whose file is missing is an error.
 
 NOTHING IS LOST. Every task file (every row of it) and the bits-per-byte text are read and checked before
 the model is loaded; a bad row is one line naming its file and line. eval.json is written to a temporary
@@ -52,8 +54,10 @@ multiple of 64) are sliced off, which renormalises over the tokens that can occu
 
 TOO LONG FOR THE CONTEXT WINDOW. The model sees at most block_size positions; a sequence context + continuation
 may hold block_size + 1 tokens (the last token is only a target). Longer ones are LEFT-truncated: we drop the
-beginning of the context and keep the whole continuation, as lm-evaluation-harness does. (A continuation longer
-than block_size is an error.) The JSON records how many items were truncated per task.
+beginning of the context and keep the whole continuation, as lm-evaluation-harness does. The JSON records how
+many items were truncated per task. A continuation longer than block_size itself (a 246-token PIQA solution
+against a 128-token tiny model; the harness refuses those) is scored in pieces of block_size / 2 tokens, each
+after the block_size / 2 + 1 tokens before it: the sliding windows of bits per byte, below.
 
 BITS PER BYTE. Cross-entropy per token depends on the tokenizer; per byte of UTF-8 text it does not:
 
@@ -83,7 +87,7 @@ import checkpoint
 from device import autocast as device_autocast, pick_device, pick_dtype, shared_dir
 
 from eval_tasks import (DEFAULT_DATA_ROOT, LRC_COLUMNS, LRC_REFERENCE, SUITES, TASKS, load_items, read_rows,
-                        resolve_tasks)
+                        resolve_tasks, task_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BPB_FILE = shared_dir("openstax_edu_text", "sample_50.jsonl")
@@ -103,18 +107,16 @@ def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, 
     """requests: [(context_ids, continuation_ids)]. Returns a dict of numpy arrays over the requests:
     logprob (summed over the continuation, nats, float64), n_tokens, greedy (every continuation token is the
     argmax of its distribution), and `truncated`, the number of contexts cut on the left."""
-    seqs, truncated = [], 0
-    for ctx, cont in requests:
+    seqs, owner, truncated = [], [], 0     # owner[k]: the request that piece k of the scoring belongs to
+    for r, (ctx, cont) in enumerate(requests):
         if len(cont) == 0:
             raise ValueError("empty continuation: nothing to score")
         if len(ctx) == 0:
             raise ValueError("empty context: start it with the end-of-text token")
-        if len(cont) > block_size:
-            raise ValueError(f"continuation of {len(cont)} tokens is longer than the context ({block_size})")
-        keep = block_size + 1 - len(cont)   # the sequence may hold block_size + 1 tokens: the last is never input
-        truncated += len(ctx) > keep
-        ctx = list(ctx[-keep:])
-        seqs.append((ctx + list(cont), len(ctx)))
+        pieces = fit_window(list(ctx), list(cont), block_size)
+        truncated += pieces[0][1] < len(ctx)        # the first piece holds what is left of the context
+        seqs += pieces
+        owner += [r] * len(pieces)
 
     n = len(seqs)
     logprob, greedy = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=bool)
@@ -152,8 +154,24 @@ def score_requests(model, requests, block_size, n_vocab, device, batch_size=64, 
         bar.update(len(rows))
         i += len(rows)
     bar.close()
-    n_tokens = np.array([len(toks) - n_ctx for toks, n_ctx in seqs])
-    return {"logprob": logprob, "greedy": greedy, "n_tokens": n_tokens, "truncated": int(truncated)}
+    owner, n_req = np.array(owner, dtype=np.int64), len(requests)       # a request's pieces: summed, all greedy
+    return {"logprob": np.bincount(owner, weights=logprob, minlength=n_req),
+            "greedy": np.bincount(owner, weights=~greedy, minlength=n_req) == 0,
+            "n_tokens": np.array([len(cont) for _, cont in requests]), "truncated": int(truncated)}
+
+
+def fit_window(ctx, cont, block_size):
+    """[(tokens, n_ctx)]: sequences of at most block_size + 1 tokens (the last is only a target) that together
+    score every continuation token once. Usually one: the context cut on the left. A continuation longer than
+    block_size goes in pieces of block_size // 2 tokens, each after as many of the tokens before it as fit."""
+    full, start, pieces = ctx + cont, len(ctx), []
+    step = len(cont) if len(cont) <= block_size else max(1, block_size // 2)
+    while start < len(full):
+        end = min(start + step, len(full))
+        lo = max(0, end - (block_size + 1))
+        pieces.append((full[lo:end], start - lo))
+        start = end
+    return pieces
 
 
 @torch.no_grad()
@@ -332,6 +350,16 @@ def bits_per_byte(model, enc, docs, block_size, device, stride=None, batch_size=
 
 
 # ---- a whole suite -------------------------------------------------------------------------------------------
+def online_only(names, data_root, online):
+    """The tasks of a suite that only --online can run here: no local file, but a hub dataset. A suite runs the
+    rest and marks these "needs --online" (offline, the LRC suite has 7 of its 9 columns: ../shared holds no SciQ
+    and no MMLU). Named tasks (--tasks) are never skipped, and a suite with nothing on disk is still the error
+    that names the missing file, not an empty table."""
+    missing = {n: task_path(n, data_root) for n in names
+               if not online and TASKS[n].hub and not os.path.exists(task_path(n, data_root))}
+    return missing if len(missing) < len(names) else {}
+
+
 def prepare(names, data_root=DEFAULT_DATA_ROOT, limit=None, online=False, bpb_file=None):
     """Every task's items and the bits-per-byte text, read and checked before any model is loaded, so a bad
     row in the last file cannot cost the results of the tasks before it."""
@@ -382,6 +410,8 @@ def format_table(results):
         lines.append(f"{label:<30}{r['n']:>7}{fmt(r['acc']):>9}{fmt(r.get('acc_norm')):>10}"
                      f"{fmt(r.get('acc_token')):>11}{fmt(r['chance']):>8}{fmt(r['stderr']):>8}  {other:<13}"
                      f"{r.get('seconds', 0):>7.1f}")
+    lines += [f"{name:<30}{'needs --online':>21}  (no local file {path})"
+              for name, path in results.get("needs_online", {}).items()]
     b = results.get("bpb")
     if b:
         lines.append(f"bits per byte {b['bpb']:.4f}  ({os.path.basename(b['file'])}: {b['documents']} documents, "
@@ -445,10 +475,14 @@ def lrc_table(named_results, reference=False):
     notes = []
     for name, res in named_results:
         row, run_notes = lrc_row(res)
+        online = [col for col, task, _ in LRC_COLUMNS if task in res.get("needs_online", {})]
         flagged = {col for col, _ in run_notes}
-        lines.append(f"{name:<{width}}" + "".join(f"{fmt(row[c], '.2f') + ('*' if c in flagged else ''):>8}"
-                                                  for c in cols))
+        cells = ["online" if c in online else fmt(row[c], ".2f") + ("*" if c in flagged else "") for c in cols]
+        lines.append(f"{name:<{width}}" + "".join(f"{cell:>8}" for cell in cells))
         notes += [f"  * {name} {col}: {note}" for col, note in run_notes]
+        if online:
+            notes.append(f"  {name} {', '.join(online)}: needs --online (no local file; --online fetches the hub's "
+                         f"copy with `datasets`), so no average")
         if res.get("limit"):
             notes.append(f"  {name}: the first {res['limit']} items of each task only, not the full sets")
     return "\n".join(lines + notes)
@@ -478,7 +512,7 @@ def read_results(path):
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); delete it to evaluate again") from None
 
 
-def evaluate_checkpoint(ckpt, args, tasks, bpb):
+def evaluate_checkpoint(ckpt, args, tasks, bpb, needs_online=None):
     """Load a run's checkpoint, evaluate it on prepare()'s tasks, write <run>/eval.json (or --out)."""
     from tokenizer import get_encoding  # the one loader: tiktoken names (offline too), our BPE files, tokenizer.json
     device = pick_device(args.device)
@@ -498,7 +532,7 @@ def evaluate_checkpoint(ckpt, args, tasks, bpb):
           f"on {device}{' with bf16 autocast' if device.type == 'cuda' else ''}")
     results = evaluate(model, enc, tasks, model.config.block_size, device, bpb, args.bpb_stride or None,
                        args.batch_size, batch_tokens, progress=True)
-    results.update({"ckpt": os.path.abspath(file), "step": step, "tokenizer": enc.name, "limit": args.limit,
+    results.update({"needs_online": needs_online or {}, "ckpt": os.path.abspath(file), "step": step, "tokenizer": enc.name, "limit": args.limit,
                     "suite": args.suite, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": time.time() - t0})
@@ -549,6 +583,8 @@ def main(argv=None):
         # (a typo in a name must not cost a model load, and a missing checkpoint must not cost reading
         # 14k MMLU rows; --compare re-evaluates only the runs that have no eval.json yet)
         names = resolve_tasks(args.tasks, args.suite)
+        needs_online = online_only(names, args.data_root, args.online) if args.tasks is None else {}
+        names = [n for n in names if n not in needs_online]
         if args.reference and args.suite != "lrc":
             raise ValueError("--reference adds the published LRC-1.5B-SFT row to --suite lrc's table")
         runs = args.compare or [args.ckpt]
@@ -558,7 +594,8 @@ def main(argv=None):
             check_checkpoint(run)
         bpb_file = None if args.bpb_file.lower() in ("", "none") else args.bpb_file
         tasks, bpb = prepare(names, args.data_root, args.limit, args.online, bpb_file) if todo else (None, None)
-        named = [(run_name(r), evaluate_checkpoint(r, args, tasks, bpb) if r in todo else read_results(stored[r]))
+        named = [(run_name(r), evaluate_checkpoint(r, args, tasks, bpb, needs_online) if r in todo
+                  else read_results(stored[r]))
                  for r in runs]
         if args.suite == "lrc" or args.compare:
             print(lrc_table(named, args.reference) if args.suite == "lrc" else compare_table(named))

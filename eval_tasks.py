@@ -72,14 +72,17 @@ files below are unchanged at commit 4e7e0d4 but for dataset paths). Paths are in
     simple_arithmetic_*   llm-foundry's tasks; the harness has no twin. "25-759=" + "-734" (nospaces),
                      "25 - 759 =" + " -734" (withspaces): the file's strings as they are.
 
-THE LOCAL FILES. arc_easy, arc_challenge, piqa, boolq, copa, commonsense_qa, winogrande, lambada_openai and
-arithmetic are llm-foundry's {query, choices, gold} / {context_options, ...} / {context, continuation} rows;
-`from_file` turns them into the harness's rows where llm-foundry's prompt differs (BoolQ's "Passage: "
-prefix, COPA's comma, CSQA's "Choices:" line). sciq, logiqa and mmlu files hold the hub's own rows, one JSON
-object a line (e.g. `datasets.load_dataset("allenai/sciq", split="test").to_json("sciq/sciq_test.jsonl")`).
-Two local files are NOT the harness's data, and a run on them says so (`note` in eval.json, `*` in tables):
-llm-foundry's CommonsenseQA has 4 choices per item (the hub's has 5), and its BoolQ passages lack super_glue's
-"Title -- " prefix. HellaSwag's file holds `ctx` = ctx_a + " " + ctx_b, already cleaned of WikiHow's
+THE LOCAL FILES. arc_easy, arc_challenge, piqa, boolq, copa, commonsense_qa, logiqa, winogrande,
+lambada_openai and arithmetic are llm-foundry's {query, choices, gold} / {context_options, ...} / {context,
+continuation} rows; `from_file` turns them into the harness's rows where llm-foundry's prompt differs (BoolQ's
+"Passage: " prefix, COPA's comma, CSQA's "Choices:" line, LogiQA's whole layout: llm-foundry writes "Context: "
+and "Choices: A. .." on one line and scores the letters, the harness scores the option texts). sciq and mmlu
+files hold the hub's own rows, one JSON object a line (e.g. `datasets.load_dataset("allenai/sciq",
+split="test").to_json("sciq/sciq_test.jsonl")`); ../shared has none, so the LRC suite marks them "needs
+--online" when run offline. Three local files are NOT the harness's data, and a run on them says so (`note` in
+eval.json, `*` in tables): llm-foundry's CommonsenseQA has 4 choices per item (the hub's has 5), its BoolQ
+passages lack super_glue's "Title -- " prefix, and its LogiQA text is not the hub's character for character
+(LOGIQA_NOTE). HellaSwag's file holds `ctx` = ctx_a + " " + ctx_b, already cleaned of WikiHow's
 "[title]"/"[step]" markup (the same cleaning the harness applies).
 """
 import os
@@ -233,11 +236,37 @@ def sciq_row(r):
             "choices": [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], "gold": 3}
 
 
+def logiqa_query(context, question, options):
+    return lettered(f"Passage: {context}\nQuestion: {question}\nChoices:", options, "ABCD")
+
+
 def logiqa_row(r):
     options = strings(r["options"], "options")
-    body = lettered(f"Passage: {r['context']}\nQuestion: {r['question']}\nChoices:", options, "ABCD")
-    return {"query": body, "choices": options,
+    return {"query": logiqa_query(r["context"], r["question"], options), "choices": options,
             "gold": "abcd".index(r["label"].strip())}
+
+
+def logiqa_from_file(r):
+    """llm-foundry's "Context: {c}\\nQuestion: {q}\\nChoices: A. {o1}\\nB. {o2}\\nC. {o3}\\nD. {o4}\\n" with choices
+    ["A", "B", "C", "D"] -> the harness's row (logiqa_row's): the passage, question and options are read back out
+    of the query. Split from the right, so a passage that itself says "Question:" stays whole."""
+    import re
+    head, sep, options = r["query"].rpartition("\nChoices: ")
+    context, sep2, question = head.removeprefix("Context: ").rpartition("\nQuestion: ")
+    parts = re.fullmatch(r"A\. (.*)\nB\. (.*)\nC\. (.*)\nD\. (.*)\n?", options)
+    if not (sep and sep2 and head.startswith("Context: ") and parts):
+        raise ValueError("query should read 'Context: ..\\nQuestion: ..\\nChoices: A. ..\\nB. ..\\nC. ..\\nD. ..'")
+    if strings(r["choices"], "choices") != list("ABCD"):
+        raise ValueError(f"choices should be the letters A-D, not {r['choices']}")
+    options = list(parts.groups())
+    return {"query": logiqa_query(context.strip(), question.strip(), options), "choices": options, "gold": r["gold"]}
+
+
+# Measured against lgw863/LogiQA-dataset's Test.txt (the file behind EleutherAI/logiqa) parsed as the harness's
+# process_docs parses it: all 651 answers agree, and 340 of 651 prompts are the harness's to the character.
+LOGIQA_NOTE = ("llm-foundry's LogiQA text differs from the harness's in 311 of 651 items (an option with an added "
+               "final period in 180, an option that lost its first letter in 18, spacing after periods); the "
+               "answers are the same")
 
 
 MMLU_SUBJECTS = """abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology
@@ -309,8 +338,8 @@ TASKS = {
     "commonsense_qa": Task("choice", LF + "commonsense_qa.jsonl", csqa_from_file,
                            ("tau/commonsense_qa", None, "validation"), csqa_from_hub, n_choices=5),
     "sciq": Task("choice", "sciq/sciq_test.jsonl", sciq_row, ("allenai/sciq", None, "test"), sciq_row),
-    "logiqa": Task("choice", "logiqa/logiqa_test.jsonl", logiqa_row, ("EleutherAI/logiqa", "logiqa", "test"),
-                   logiqa_row),
+    "logiqa": Task("choice", LF + "logi_qa.jsonl", logiqa_from_file, ("EleutherAI/logiqa", "logiqa", "test"),
+                   logiqa_row, file_note=LOGIQA_NOTE),
     "mmlu": Task("choice", "mmlu/mmlu_test.jsonl", mmlu_row, ("cais/mmlu", "all", "test"), mmlu_row),
     "winogrande": Task("schema", LF + "winogrande.jsonl", as_is, ("allenai/winogrande", "winogrande_xl",
                                                                   "validation"), winogrande_from_hub),

@@ -129,8 +129,26 @@ def test_batching_padding_and_truncation_change_nothing(enc):
             logp = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0][0, :, :50257].double(), -1)
         want = sum(logp[n_ctx - 1 + i, t].item() for i, t in enumerate(cont))
         assert abs(got - want) < 1e-3
-    with pytest.raises(ValueError, match="longer than the context"):
-        nf_eval.score_requests(model, [([1], list(range(65)))], 64, 50257, CPU)
+
+
+def test_a_continuation_longer_than_the_window_is_scored_in_pieces(enc):
+    # a 150-token continuation against a 64-token window (a PIQA solution against a tiny model): pieces of 32
+    # tokens, each after the 33 before it. The stub's next token depends on the last token only, so the pieces
+    # must sum to the exact log-likelihood: a favoured step log(e^30 / (e^30 + V - 1)), any other -log V
+    V, boost = 1000, 30.0
+    cont = [(7 * i) % 500 for i in range(150)]
+    fav = {a: b for a, b in zip(cont[:99], cont[1:100])}        # the first 99 steps favoured, the rest not
+    stub = PreferenceStub(V, fav, boost)
+    ctx = [3] * 10                                              # 3 is never favoured: the first token is not
+    scored = nf_eval.score_requests(stub, [(ctx, cont), ([1], cont[:5])], 64, V, CPU)
+    z = math.log(math.exp(boost) + V - 1)
+    favoured = sum(fav.get(a) == b for a, b in zip([3] + cont[:-1], cont))
+    assert favoured == 99
+    np.testing.assert_allclose(scored["logprob"][0], favoured * (boost - z) - (150 - favoured) * math.log(V),
+                               rtol=1e-7)   # fp32 log_softmax; one token misplaced costs 6.9
+    assert list(scored["n_tokens"]) == [150, 5] and not scored["greedy"][0]
+    assert [len(p[0]) - p[1] for p in nf_eval.fit_window(ctx, cont, 64)] == [32] * 4 + [22]
+    assert [p[1] for p in nf_eval.fit_window(ctx, cont, 64)] == [10, 33, 33, 33, 43]   # the window filled
 
 
 # ---- renderings: equal to lm-evaluation-harness v0.4.8's task files ----------------------------------------------
@@ -200,6 +218,20 @@ def test_boolq_copa_csqa_equal_the_harness_from_hub_and_from_file():
     local = {"query": "Question: Where is a wet umbrella put?\nChoices:\nA. oven\nB. bed\nC. stand\nD. fridge\n"
                       "E. sink\nAnswer:", "choices": list("ABCDE"), "gold": 2}
     assert pairs_of("commonsense_qa", eval_tasks.csqa_from_file(local)) == ([(ctx, " " + x) for x in "ABCDE"], 2)
+
+
+def test_logiqa_file_rows_render_as_the_hub_rows():
+    # llm-foundry's "Context: ..\nQuestion: ..\nChoices: A. .." with letters as choices -> the harness's prompt
+    # with the option texts as choices, the same item as the hub's row
+    local = eval_tasks.read_rows(os.path.join(STAND_INS, "llm_foundry", "logi_qa.jsonl"))
+    hub = eval_tasks.read_rows(os.path.join(STAND_INS, "logiqa", "logiqa_test.jsonl"))
+    for (_, row), (_, hub_row) in zip(local, hub):
+        assert eval_tasks.logiqa_from_file(row) == eval_tasks.logiqa_row(hub_row)
+    row = dict(local[0][1], query=local[0][1]["query"].replace("\nQuestion: ", "\n"))
+    with pytest.raises(ValueError, match="query should read 'Context: "):
+        eval_tasks.logiqa_from_file(row)
+    with pytest.raises(ValueError, match="choices should be the letters A-D"):
+        eval_tasks.logiqa_from_file(dict(local[0][1], choices=["w", "x", "y", "z"]))
 
 
 def test_other_hub_rows_convert_like_the_local_files():
@@ -370,12 +402,47 @@ def test_lrc_suite_prints_the_card_table_for_each_run(tmp_path, capsys):
     want = [100 * res["tasks"][t][m] for _, t, m in eval_tasks.LRC_COLUMNS]
     assert [float(c.rstrip("*")) for c in cells] == pytest.approx([round(w, 2) for w in want + [sum(want) / 9]],
                                                                   abs=0.006)
-    assert cells[3].endswith("*") and sum(c.endswith("*") for c in cells) == 2   # CSQA and BoolQ data notes
+    assert [c.endswith("*") for c in cells] == [False, False, True, True, False, False, True, False, False, False]
     nf_eval.main(["--compare", a, b, "--reference"] + common)   # a: read from eval.json, b: evaluated now
     lines = capsys.readouterr().out.splitlines()
     rows = [l.split()[0] for l in lines if l.split() and l.split()[0] in ("LRC-1.5B-SFT", "run_a", "run_b")]
     assert rows == ["LRC-1.5B-SFT", "run_a", "run_b"] and os.path.exists(os.path.join(b, "eval.json"))
     assert next(l for l in lines if l.startswith("LRC-1.5B-SFT")).split()[-1] == "63.48"
+
+
+def lrc_cells(out, run):
+    return next(l for l in out.splitlines() if l.startswith(run + " ")).split()[1:]
+
+
+def test_lrc_suite_offline_marks_sciq_and_mmlu_as_needing_online(tmp_path, capsys):
+    # the data root ../shared has: no sciq/ and no mmlu/ folders
+    import shutil
+    root = tmp_path / "evals"
+    shutil.copytree(os.path.join(STAND_INS, "llm_foundry"), root / "llm_foundry")
+    run = str(tmp_path / "tiny")
+    save_tiny_checkpoint(run, 3, 0)
+    nf_eval.main(["--ckpt", run, "--suite", "lrc", "--data_root", str(root), "--bpb_file", "none", "--device", "cpu"])
+    res = json.load(open(os.path.join(run, "eval.json")))
+    assert list(res["needs_online"]) == ["sciq", "mmlu"] and len(res["tasks"]) == 7
+    out = capsys.readouterr().out
+    cells = lrc_cells(out, "tiny")
+    assert [c == "online" for c in cells] == [False] * 7 + [True, True, False] and cells[-1] == "-"
+    assert all(float(c.rstrip("*")) >= 0 for c in cells[:7])
+    assert "tiny SciQ, MMLU: needs --online" in out and "needs --online  (no local file" in out
+    # named tasks are never skipped: --tasks sciq without its file is still the error naming it
+    assert error_of(["--ckpt", run, "--tasks", "sciq", "--data_root", str(root), "--bpb_file", "none"]).startswith(
+        "error: sciq: task file")
+
+
+@needs_data
+def test_lrc_suite_runs_offline_on_the_shared_files(tmp_path, capsys):
+    run = str(tmp_path / "tiny")
+    save_tiny_checkpoint(run, 3, 0)
+    nf_eval.main(["--ckpt", run, "--suite", "lrc", "--limit", "16", "--data_root", EVAL_DATA, "--bpb_file", "none",
+                  "--device", "cpu"])
+    cells = lrc_cells(capsys.readouterr().out, "tiny")
+    assert sum(c not in ("online", "-") for c in cells) == 7 and cells[7:9] == ["online", "online"]
+    assert cells[2].endswith("*")                            # LogiQA: llm-foundry's text, flagged
 
 
 @needs_data
