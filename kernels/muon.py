@@ -350,10 +350,14 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None] if group["kind"] == "muon" else []
             if not params:
                 continue
-            # under FSDP each process holds a slice of rows (_local): the momentum is elementwise, so slices do
-            grads = [_local(p.grad).float() for p in params]  # no copy for fp32 gradients
-            bufs = [_local(self.state[p].setdefault("momentum_buffer", _like(p, torch.zeros_like(
-                _local(p), dtype=torch.float32)))) for p in params]
+            if hasattr(params[0], "to_local"):  # FSDP: each process holds a slice of rows (parallel.local), and
+                grads = [_local(p.grad).float() for p in params]  # the momentum is elementwise, so slices do
+                bufs = [_local(self.state[p].setdefault("momentum_buffer", _like(p, torch.zeros_like(
+                    _local(p), dtype=torch.float32)))) for p in params]
+            else:
+                grads = [p.grad.float() for p in params]  # no copy for fp32 gradients
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
+                        for p in params]
             mu = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1.0 - mu)                            # m ← μ·m + (1 − μ)·g
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # u ← (1 − μ)·g + μ·m
@@ -371,7 +375,7 @@ class Muon(torch.optim.Optimizer):
             by_group = {}
             for (p, _, group), o in zip(members, orth.unbind(0)):
                 by_group.setdefault(id(group), (group, [], []))
-                by_group[id(group)][1].append(_local(p))
+                by_group[id(group)][1].append(_local(p) if hasattr(p, "to_local") else p)
                 by_group[id(group)][2].append(_my_rows(p, o).to(p.dtype))
             for group, params, orths in by_group.values():
                 lr, wd = group["lr"], group["weight_decay"]
