@@ -350,16 +350,19 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None] if group["kind"] == "muon" else []
             if not params:
                 continue
-            if any(hasattr(p, "to_local") for p in params):  # FSDP: this process's slices (parallel.py)
-                self._slices(params)
-            grads = [self._mine(p.grad).float() for p in params]  # no copy for fp32 gradients
-            bufs = [self._mine(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32)))
-                    for p in params]
+            if hasattr(params[0], "to_local"):  # FSDP: each process holds a slice of rows (parallel.local), and
+                grads = [_local(p.grad).float() for p in params]  # the momentum is elementwise, so slices do
+                bufs = [_local(self.state[p].setdefault("momentum_buffer", _like(p, torch.zeros_like(
+                    _local(p), dtype=torch.float32)))) for p in params]
+            else:
+                grads = [p.grad.float() for p in params]  # no copy for fp32 gradients
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
+                        for p in params]
             mu = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1.0 - mu)                            # m ← μ·m + (1 − μ)·g
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # u ← (1 − μ)·g + μ·m
             for p, u in zip(params, updates):  # ... but Newton-Schulz needs the whole matrix: gather it
-                u = _like(p, u).full_tensor() if self.sliced else u
+                u = _like(p, u).full_tensor() if hasattr(p, "to_local") else u
                 stacks.setdefault((p.shape, u.device, group["ns_steps"]), []).append((p, u, group))
         if not stacks:
             return
@@ -372,27 +375,13 @@ class Muon(torch.optim.Optimizer):
             by_group = {}
             for (p, _, group), o in zip(members, orth.unbind(0)):
                 by_group.setdefault(id(group), (group, [], []))
-                by_group[id(group)][1].append(self._mine(p))
-                by_group[id(group)][2].append((_my_rows(p, o) if self.sliced else o).to(p.dtype))
+                by_group[id(group)][1].append(_local(p) if hasattr(p, "to_local") else p)
+                by_group[id(group)][2].append(_my_rows(p, o).to(p.dtype))
             for group, params, orths in by_group.values():
                 lr, wd = group["lr"], group["weight_decay"]
                 if wd != 0.0:
                     torch._foreach_mul_(params, 1.0 - lr * wd)                     # decoupled weight decay
                 torch._foreach_add_(params, orths, alpha=-lr * scale)              # W ← W − lr·scale·O
-
-    sliced = False  # True once FSDP's slices are seen (_slices): the momentum then lives as slices too
-
-    def _slices(self, params):
-        """Under FSDP each process holds a slice of every matrix's rows: the momentum is elementwise, so it is
-        kept as a slice of the same rows (a DTensor like its parameter, so a checkpoint gathers it whole)."""
-        self.sliced = True
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = _like(p, torch.zeros_like(_local(p), dtype=torch.float32))
-
-    def _mine(self, t):
-        """This process's part of t: t itself, or under FSDP its slice."""
-        return _local(t) if self.sliced else t
 
     def _orthogonalise(self, stack, ns_steps, gram):
         """newton_schulz of a (k, rows, cols) stack; under torch.distributed each rank does ceil(k / world) of
