@@ -536,10 +536,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
     peak = (run.peak_flops or device_peak_flops(run.device)) * run.world
     flops_per_token = raw_model.flops_per_token()
     t0, timed = time.time(), 0  # wall-clock since the last log point, and the steps it covers
-    profiler = None
-    if run.profile_steps:  # the run's last steps, once everything is compiled and warm
-        from bench.step_profile import LoopProfiler
-        profiler = LoopProfiler(run.max_iters - run.profile_steps, run.profile_steps, run.out_dir, run.device)
+    profiler = last_steps_profiler(run) if run.profile_steps else None  # --profile_steps
     try:
         while True:
             if profiler and run.master:
@@ -553,14 +550,8 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 log(run, f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}",
                     {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step * run.tokens_per_step})
                 if run.save_checkpoints and step > run.start_step:
-                    weights, optimizer_state = parallel_.full_state(model, raw_model, optimizer, run)  # all ranks
-                    if run.master:
-                        check_finite(last_good, step, first_bad, weights)
-                        best_val = min(best_val, val)
-                        next_sample = first_sample(run, step)
-                        path = checkpoint.save_run(run.out_dir, weights, optimizer_state, step, best_val,
-                                                   run.config, next_sample, run.device, best=val <= best_val)
-                        last_good = (path, step)
+                    best_val, last_good = save(run, model, raw_model, optimizer, step, val, best_val, first_bad,
+                                               last_good)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
@@ -613,6 +604,27 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
             f"continue with --init_from=resume" if run.save_checkpoints else "no checkpoint (save_checkpoints=False)"))
         return int(signum)
     return None
+
+
+def last_steps_profiler(run):
+    """torch.profiler over the run's last profile_steps steps, once everything is compiled and warm: the table of
+    where each phase of the step spends host and GPU time (bench/step_profile.py)."""
+    from bench.step_profile import LoopProfiler
+    return LoopProfiler(run.max_iters - run.profile_steps, run.profile_steps, run.out_dir, run.device)
+
+
+def save(run, model, raw_model, optimizer, step, val, best_val, first_bad, last_good):
+    """The checkpoint at an evaluation: every rank hands over its part (FSDP gathers the whole state to rank 0),
+    rank 0 checks it is finite and writes ckpt.pt, and best.pt when val is the best so far. Returns the new
+    (best_val, last_good): the checkpoint a later NaN guard names."""
+    weights, optimizer_state = parallel_.full_state(model, raw_model, optimizer, run)  # a collective under FSDP
+    if not run.master:
+        return best_val, last_good
+    check_finite(last_good, step, first_bad, weights)  # nothing non-finite is ever written
+    best_val = min(best_val, val)
+    path = checkpoint.save_run(run.out_dir, weights, optimizer_state, step, best_val, run.config,
+                               first_sample(run, step), run.device, best=val <= best_val)
+    return best_val, (path, step)
 
 
 def log(run, text, row=None):
