@@ -360,13 +360,20 @@ def describe(config):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv):
+    """python model.py config/<preset>.py [--memory]: the architecture, its size and cost; with --memory, what each
+    parallel setting needs a GPU (parallel.py)."""
     from configurator import read_config_file
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--memory"]):
+    if len(argv) not in (1, 2) or argv[1:] not in ([], ["--memory"]):
         sys.exit("usage: python model.py config/<preset>.py [--memory]")
-    preset = read_config_file(sys.argv[1])
-    print(describe(GPTConfig.from_dict(preset)))
-    if "--memory" in sys.argv:  # what each parallel setting needs a GPU (parallel.py)
+    preset = read_config_file(argv[0])
+    config = GPTConfig.from_dict(preset)
+    print(describe(config))
+    if "--memory" in argv:
         from parallel import memory_table
-        print("\n" + memory_table(GPTConfig.from_dict(preset), preset.get("batch_size", 16),
-                                  optimizer=preset.get("optimizer", "adamw")))
+        print("\n" + memory_table(config, preset.get("batch_size", 16), optimizer=preset.get("optimizer", "adamw")))
+
+
+if __name__ == "__main__":
+    from configurator import run_script  # a missing or broken preset is one line, not a traceback
+    run_script(main, sys.argv[1:])

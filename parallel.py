@@ -56,6 +56,7 @@ def init(run):
 
 def check(run):
     """What cannot run under this split, named before anything is allocated."""
+    checkpointed_blocks(run, run.n_layer)  # a bad activation_checkpointing is named now, not after allocating
     if run.parallel == "fsdp" and run.compile_mode == "reduce-overhead":
         raise ValueError("compile_mode='reduce-overhead' (CUDA graphs) cannot hold FSDP's gathers: use 'default'")
 
@@ -137,9 +138,10 @@ def plain(tensor):
 
 
 # ---- one checkpoint format -------------------------------------------------------------------------------------
-def full_state(model, raw_model, optimizer, run):
-    """(weights, optimizer state) whole, on the CPU, as a single process's state_dict()s: on every rank for DDP
-    or one process (cheap: no copies), on rank 0 for FSDP (a collective: every rank must call it)."""
+def full_state(raw_model, optimizer, run):
+    """(weights, optimizer state) whole, as a single process's state_dict()s: for DDP or one process the
+    state_dict()s themselves (no copies); under FSDP gathered to rank 0's CPU (a collective: every rank must call
+    it; the others receive empty dicts)."""
     if run.parallel != "fsdp":
         return raw_model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,

@@ -474,7 +474,6 @@ def train(cfg, model=None):
     carry the same GPTConfig (it is checked) and GPT's contract: (logits, loss) = model(x, y, doc_starts=...)."""
     run = resolve(cfg)
     parallel_.check(run)
-    parallel_.checkpointed_blocks(run, run.n_layer)  # a bad setting is named now, not after allocating
     parallel_.init(run)  # torchrun set RANK / WORLD_SIZE / LOCAL_RANK
     if run.device.type == "cuda":
         torch.cuda.set_device(run.device)
@@ -550,8 +549,7 @@ def loop(run, model, raw_model, optimizer, train_data, val_data):
                 log(run, f"step {step:6d} | val loss {val:.4f} | val bpb {bpb:.4f}",
                     {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": step * run.tokens_per_step})
                 if run.save_checkpoints and step > run.start_step:
-                    best_val, last_good = save(run, model, raw_model, optimizer, step, val, best_val, first_bad,
-                                               last_good)
+                    best_val, last_good = save(run, raw_model, optimizer, step, val, best_val, first_bad, last_good)
                 t0, timed = time.time(), 0  # evaluation and saving are not part of the next steps' time
             if last_step:
                 break
@@ -613,11 +611,11 @@ def last_steps_profiler(run):
     return LoopProfiler(run.max_iters - run.profile_steps, run.profile_steps, run.out_dir, run.device)
 
 
-def save(run, model, raw_model, optimizer, step, val, best_val, first_bad, last_good):
+def save(run, raw_model, optimizer, step, val, best_val, first_bad, last_good):
     """The checkpoint at an evaluation: every rank hands over its part (FSDP gathers the whole state to rank 0),
     rank 0 checks it is finite and writes ckpt.pt, and best.pt when val is the best so far. Returns the new
     (best_val, last_good): the checkpoint a later NaN guard names."""
-    weights, optimizer_state = parallel_.full_state(model, raw_model, optimizer, run)  # a collective under FSDP
+    weights, optimizer_state = parallel_.full_state(raw_model, optimizer, run)  # a collective under FSDP
     if not run.master:
         return best_val, last_good
     check_finite(last_good, step, first_bad, weights)  # nothing non-finite is ever written

@@ -74,9 +74,8 @@ class LoopProfiler:
                 torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize()
                 self.warnings.__exit__(None, None, None)
-                syncs = sorted({str(w.message).splitlines()[0][:120] for w in self.caught if "synchroniz" in str(w.message)})
-                syncs = {"per_step": sum("synchroniz" in str(w.message) for w in self.caught) / self.steps,
-                         "kinds": syncs}
+                waits = [str(w.message).splitlines()[0][:120] for w in self.caught if "synchroniz" in str(w.message)]
+                syncs = {"per_step": len(waits) / self.steps, "kinds": sorted(set(waits))}
             wall_ms = (time.perf_counter() - self.t0) * 1e3 / self.steps
             self.prof.stop()
             self.active, trace = False, os.path.join(self.out_dir, "profile_trace.json")

@@ -183,3 +183,9 @@ def test_memory_estimate_orders_the_settings_and_matches_the_measured_ddp_peak()
     out = subprocess.run([sys.executable, "model.py", "config/auto_g_nano_1b.py", "--memory"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120).stdout
     assert "1,050,002,688" in out and "| 1 | fsdp | blocks |" in out
+
+
+def test_memory_of_a_missing_preset_is_one_line():
+    out = subprocess.run([sys.executable, "model.py", "config/nope.py", "--memory"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip() == "error: config file not found: config/nope.py"
