@@ -257,6 +257,7 @@ def test_stale_temporaries_of_a_killed_save_are_removed_at_the_next_start(sample
 
 
 # ---- 6. init_from=hf:<folder> ------------------------------------------------------------------------------------
+@pytest.mark.shared  # needs ../shared's data (SFT copies or eval task files): skipped without it
 def test_init_from_a_hugging_face_folder_in_train_and_sft(trained, sample_data_dir, tmp_path):
     import export
     import prepare_sft
@@ -369,6 +370,7 @@ def hf_folder(trained, tmp_path):
      "tokenizer.json: damaged or unsupported"),
     (lambda f: os.remove(os.path.join(f, "model.safetensors")), "model.safetensors"),
 ])
+@pytest.mark.shared  # needs ../shared's data (SFT copies or eval task files): skipped without it
 def test_damaged_hugging_face_folders_are_one_line_in_chat_and_eval(hf_folder, tmp_path, damage, named):
     import eval as evaluation
     damage(hf_folder)
@@ -386,6 +388,7 @@ def _edit_json(path, edit):
     json.dump(obj, open(path, "w"))
 
 
+@pytest.mark.shared  # needs ../shared's data (SFT copies or eval task files): skipped without it
 def test_eval_refuses_before_the_work_when_its_results_cannot_be_written(trained, monkeypatch):
     import eval as evaluation
     ran = []
